@@ -1,0 +1,129 @@
+"""Sharded, atomic, resumable checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout of ``<dir>/step_00000100/``: DCP shards + ``.metadata`` (model and optimizer, by fully
+qualified name, so another parallel layout can reshard them), ``trainer_state.json`` (step, tokens,
+data position, schedule, MLflow run id, model shape) and ``rng_rank{r}.pt`` (each rank's RNG states).
+
+A checkpoint is written under ``.tmp-step_...`` and renamed into place only after every rank finished
+and the files were fsynced, so a torn save is never picked up; ``keep_last`` complete ones are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from gptforge.data_prep.atomic import atomic_write_json, fsync_path
+from gptforge.parallel.distributed import DistInfo, barrier
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, directory: str, keep_last: int, info: DistInfo) -> None:
+        self.dir = directory
+        self.keep_last = keep_last
+        self.info = info
+        if info.is_main:
+            os.makedirs(directory, exist_ok=True)
+            for name in os.listdir(directory):
+                if name.startswith(".tmp-"):  # left by a save that was killed
+                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        barrier()
+
+    def complete_steps(self) -> list[tuple[int, str]]:
+        if not os.path.isdir(self.dir):
+            return []
+        found = []
+        for name in os.listdir(self.dir):
+            match = _STEP_DIR.match(name)
+            path = os.path.join(self.dir, name)
+            if match and is_complete(path):
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> str | None:
+        steps = self.complete_steps()
+        return steps[-1][1] if steps else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> str:
+        final = os.path.join(self.dir, f"step_{step:08d}")
+        if is_complete(final):
+            return final
+        tmp = os.path.join(self.dir, f".tmp-step_{step:08d}")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.info.rank}.pt"))
+        barrier()
+        if self.info.is_main:
+            atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state | {"step": step})
+            for name in os.listdir(tmp):
+                fsync_path(os.path.join(tmp, name))
+            fsync_path(tmp)
+            os.replace(tmp, final)
+            fsync_path(self.dir)
+            for _, old in self.complete_steps()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, model_shape: dict) -> dict:
+        """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
+        if not is_complete(path):
+            raise CheckpointMismatchError(f"checkpoint {path!r} is not a complete gptforge checkpoint "
+                                          f"(no {STATE_FILE} or .metadata)")
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+            state = json.load(handle)
+        saved_shape = state.get("model_shape", {})
+        diffs = [f"{k}: checkpoint {saved_shape.get(k)!r} vs config {v!r}" for k, v in model_shape.items()
+                 if saved_shape.get(k) != v]
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {path!r} holds a model of another shape ({'; '.join(diffs)}); resume with the "
+                f"config it was trained with, or start a new run.dir / --resume none"
+            )
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        target = {"model": model_sd, "optim": optim_sd}
+        dcp.load(target, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        rng_path = os.path.join(path, f"rng_rank{self.info.rank}.pt")
+        if os.path.isfile(rng_path):
+            set_rng_state(torch.load(rng_path, weights_only=False))
+        else:  # resumed on more ranks than saved it: weights and data position are exact, dropout is not
+            warnings.warn(f"{rng_path} not found (checkpoint written by {state.get('world_size')} ranks); "
+                          f"rank {self.info.rank} keeps its freshly seeded RNG")
+        return state

@@ -1,0 +1,130 @@
+"""Typed sections of a training config (``configs/*.yaml``). Loading and validation: ``config_load.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    """One indexed dataset of the training mixture."""
+
+    path: str
+    """Prefix of a ``gptforge tokenize`` output (``PATH.bin``, ``PATH.idx``, ``PATH.json``)."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture (GPT-3 Table 2.2 column "weight in training mix")."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    sources: list[DataSource]
+    """The mixture; weights are normalised by megatron-core's BlendedMegatronDatasetBuilder."""
+    split: str = "969,30,1"
+    """Train, validation, test proportions of every source's documents (Megatron's ``--split``)."""
+    seed: int = 1234
+    """Seed of the document/sample shuffles: the same seed gives the same sample order."""
+    cache_dir: str | None = None
+    """Where megatron-core caches its sample indices; default ``<run.dir>/data_cache``."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int
+    """Optimizer steps to train for."""
+    global_batch_size: int
+    """Sequences per optimizer step at full batch (GPT-3 Table 2.1 batch / seq_len)."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
+    seq_len: int | None = None
+    """Tokens per sequence; default: the model's context length."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute dtype. bf16/fp16 use autocast over fp32 weights; fp16 adds dynamic loss scaling."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    seed: int = 1234
+    """Seed of weight init and dropout."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA when available, else CPU."""
+    log_interval: int = 10
+    """Print and track metrics every this many steps."""
+    eval_interval: int = 100
+    """Validation every this many steps (and after the last step); 0 disables periodic validation."""
+    eval_samples: int = 64
+    """Validation sequences (the same first ones every time, so curves are comparable)."""
+    sample_tokens: int = 0
+    """After training, print a sample of this many tokens (0: none)."""
+    sample_prompt: str = ""
+    """Prompt of that sample (empty: start from the end-of-document token)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and the schedule of GPT-3 Appendix B; schedules are in tokens, as in the paper."""
+
+    lr: float | None = None
+    """Peak learning rate; default: the preset's Table 2.1 value."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak ("decay to 10 % of its value")."""
+    warmup_tokens: int = 375_000_000
+    """Linear warmup over the first tokens (GPT-3: 375M)."""
+    decay_tokens: int = 260_000_000_000
+    """Cosine decay ends after these tokens, then the lr stays at min_lr_ratio x peak (GPT-3: 260B)."""
+    batch_ramp_start_tokens: int = 32_768
+    """Batch size at the start of the ramp, in tokens (GPT-3: 32k)."""
+    batch_ramp_tokens: int = 0
+    """Ramp the batch linearly to full over these tokens (GPT-3: 4-12B by size); 0 disables the ramp."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices and embeddings; never on biases or LayerNorm gains."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global-norm gradient clipping; 0 disables."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str | None = None
+    """Default ``<run.dir>/checkpoints``."""
+    interval: int = 1000
+    """Save every this many steps (and always at the end or on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
+    resume: str = "auto"
+    """``auto``: newest complete checkpoint if any; ``none``: start fresh; or a checkpoint path."""
+
+
+@dataclass(kw_only=True)
+class MlflowConfig:
+    enabled: bool = True
+    experiment: str = "gptforge"
+    run_name: str | None = None
+    tracking_uri: str | None = None
+    """Default: $MLFLOW_TRACKING_URI, else a sqlite store ``<run.dir>/mlflow.db`` (no server)."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str
+    """Run directory: checkpoints, metrics, MLflow store, data caches."""
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    path: str
+    """A SentencePiece ``.model`` from ``gptforge tokenizer train``; it fixes the vocabulary size."""
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A whole training job. ``model`` is a preset name plus optional ``GPTConfig`` field overrides."""
+
+    run: RunConfig
+    model: dict
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -1,0 +1,138 @@
+"""Resolve a training job: config + overrides -> every derived value, with all errors raised at once.
+
+Runs before any process group exists (it only needs the world size, read from the launcher's
+environment), so a bad config fails fast on every rank with the same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from gptforge.launcher.config_load import (
+    ConfigError,
+    apply_overrides,
+    load_yaml,
+    model_config_from_section,
+    parse_job_config,
+)
+from gptforge.launcher.config_schema import JobConfig
+from gptforge.launcher.schedule import TokenSchedule
+from gptforge.model.config import GPTConfig
+from gptforge.model.presets import PRESETS
+
+
+@dataclass(kw_only=True)
+class ResolvedJob:
+    job: JobConfig
+    model: GPTConfig
+    schedule: TokenSchedule
+    seq_len: int
+    world_size: int
+    tokenizer_sha: str
+    tokenizer_eod: int
+    checkpoint_dir: str
+    cache_dir: str
+    raw: dict
+    """The config as loaded plus overrides (for logging the whole resolved config)."""
+
+    @property
+    def train_samples(self) -> int:
+        return self.schedule.samples_for_steps(self.job.train.max_steps)
+
+    def flat_params(self) -> dict[str, str]:
+        """The resolved config flattened to ``section.key`` -> str (MLflow params)."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value) -> None:
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), sub)
+            elif isinstance(value, list) and value and isinstance(value[0], dict):
+                for i, sub in enumerate(value):
+                    walk(f"{prefix}.{i}", sub)
+            else:
+                out[prefix] = str(value)
+
+        walk("", dataclasses.asdict(self.job) | {"model": self.model.to_dict() | {
+            "preset": self.raw["model"]["preset"]}})
+        out["derived.seq_len"] = str(self.seq_len)
+        out["derived.world_size"] = str(self.world_size)
+        out["derived.peak_lr"] = str(self.schedule.peak_lr)
+        out["derived.train_samples"] = str(self.train_samples)
+        return out
+
+
+def resolve_job(config_path: str, overrides: list[str], world_size: int | None = None) -> ResolvedJob:
+    from gptforge.data_prep.gpt_data import check_sources
+    from gptforge.data_prep.tokenizer import Tokenizer
+
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    raw = load_yaml(config_path)
+    errors = apply_overrides(raw, overrides)
+    job = parse_job_config(raw, errors)
+    if job is None:
+        raise ConfigError(errors, config_path)
+
+    tokenizer = None
+    try:
+        tokenizer = Tokenizer(job.tokenizer.path)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+        errors.append(f"tokenizer.path: {err}")
+    model = model_config_from_section(raw.get("model"), tokenizer.vocab_size if tokenizer else None, errors)
+
+    t, o, c = job.train, job.optim, job.checkpoint
+    for key, value, low in (("train.max_steps", t.max_steps, 1), ("train.global_batch_size", t.global_batch_size, 1),
+                            ("train.micro_batch_size", t.micro_batch_size, 1), ("train.log_interval", t.log_interval, 1),
+                            ("train.eval_interval", t.eval_interval, 0), ("train.eval_samples", t.eval_samples, 0),
+                            ("train.sample_tokens", t.sample_tokens, 0), ("checkpoint.interval", c.interval, 1),
+                            ("checkpoint.keep_last", c.keep_last, 1)):
+        if value < low:
+            errors.append(f"{key} must be >= {low}, got {value}")
+    if o.grad_clip < 0 or o.weight_decay < 0 or o.eps <= 0 or not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        errors.append("optim: need grad_clip >= 0, weight_decay >= 0, eps > 0 and betas in [0, 1)")
+    if t.eval_interval > 0 and t.eval_samples == 0:
+        errors.append("train.eval_samples must be >= 1 when train.eval_interval > 0")
+    for i, source in enumerate(job.data.sources):
+        if source is not None and source.weight <= 0:
+            errors.append(f"data.sources[{i}].weight must be > 0, got {source.weight}")
+    if c.resume not in ("auto", "none") and not os.path.isdir(c.resume):
+        errors.append(f"checkpoint.resume: expected 'auto', 'none' or a checkpoint directory, got {c.resume!r}")
+
+    seq_len = t.seq_len
+    if model is not None:
+        seq_len = seq_len or model.context_length
+        if seq_len > model.context_length:
+            errors.append(f"train.seq_len ({seq_len}) exceeds the model's context_length ({model.context_length})")
+    if seq_len is not None and seq_len < 1:
+        errors.append(f"train.seq_len must be >= 1, got {seq_len}")
+
+    preset = PRESETS.get(raw.get("model", {}).get("preset") if isinstance(raw.get("model"), dict) else None)
+    peak_lr = o.lr if o.lr is not None else (preset.lr if preset is not None else None)
+    if peak_lr is None and preset is not None:
+        errors.append(f"optim.lr: required, preset {preset.name!r} has no paper learning rate")
+    schedule = None
+    if seq_len and peak_lr is not None and t.micro_batch_size >= 1:
+        schedule = TokenSchedule(
+            peak_lr=peak_lr, min_lr_ratio=o.min_lr_ratio, warmup_tokens=o.warmup_tokens, decay_tokens=o.decay_tokens,
+            seq_len=seq_len, full_batch=t.global_batch_size, batch_multiple=t.micro_batch_size * world_size,
+            ramp_start_tokens=o.batch_ramp_start_tokens, ramp_tokens=o.batch_ramp_tokens,
+        )
+        errors.extend(schedule.validate())
+
+    if tokenizer is not None and seq_len and not errors:
+        sources = [s for s in job.data.sources if s is not None]
+        errors.extend(check_sources([s.path for s in sources], job.data.split, seq_len, tokenizer.sha256,
+                                    tokenizer.vocab_size, need_valid=t.eval_interval > 0))
+    if errors:
+        raise ConfigError(errors, config_path)
+    return ResolvedJob(
+        job=job, model=model, schedule=schedule, seq_len=seq_len, world_size=world_size,
+        tokenizer_sha=tokenizer.sha256, tokenizer_eod=tokenizer.eod,
+        checkpoint_dir=c.dir or os.path.join(job.run.dir, "checkpoints"),
+        cache_dir=job.data.cache_dir or os.path.join(job.run.dir, "data_cache"), raw=raw,
+    )

@@ -1,0 +1,39 @@
+"""gptforge: distributed GPT pretraining, from a filtered web corpus to GPT-3 sizes.
+
+One import root, ``gptforge``: the top-level folders of this repository are its subpackages
+(``gptforge.model`` is ``model/``, ``gptforge.launcher`` is ``launcher/`` ...). Nothing generic such as
+``model`` is ever installed as a top-level module.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ["launcher", "model", "parallel", "data_prep", "configs"]
+
+setup(
+    name="gptforge",
+    version="0.1.0",
+    description="Distributed GPT-1/2/3 pretraining: data, tensor/pipeline/ZeRO parallelism, SLURM, MLflow",
+    python_requires=">=3.10",
+    packages=["gptforge"] + [f"gptforge.{name}" for name in SUBPACKAGES],
+    # The repository root is the ``gptforge`` package (its __init__.py); setuptools never packs setup.py.
+    package_dir={"gptforge": "."} | {f"gptforge.{name}": name for name in SUBPACKAGES},
+    package_data={"gptforge.configs": ["*.yaml", "data/*.yaml"], "gptforge.launcher": ["*.sh"]},
+    install_requires=[
+        # Lower bounds that the CPU build of torch 2.13.0 satisfies; see README for the CPU install.
+        "torch>=2.6",
+        "deepspeed>=0.16",
+        "megatron-core>=0.12",
+        "sentencepiece>=0.2",
+        "datasets>=3.0",
+        "mlflow>=2.20",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+        "pyarrow>=15",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli:main"]},
+)
