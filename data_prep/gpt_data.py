@@ -112,7 +112,8 @@ def build_gpt_datasets(*, paths: list[str], weights: list[float], split: str, se
     config = gpt_mod.GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_len,
-        blend=(list(paths), list(weights)),
+        # One source needs no blending layer (and megatron-core warns when asked to build one).
+        blend=(list(paths), list(weights) if len(paths) > 1 else None),
         split=split,
         path_to_cache=cache_dir,
         tokenizer=MegatronTokenizerInfo(vocab_size, eod),

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import warnings
 
 import numpy as np
@@ -80,7 +81,8 @@ class CheckpointManager:
         steps = self.complete_steps()
         return steps[-1][1] if steps else None
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> str:
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             _die_before_rename: bool = False) -> str:
         final = os.path.join(self.dir, f"step_{step:08d}")
         if is_complete(final):
             return final
@@ -89,6 +91,8 @@ class CheckpointManager:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.info.rank}.pt"))
         barrier()
+        if _die_before_rename:  # fault injection (tests): a save torn after the shards were written
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.info.is_main:
             atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state | {"step": step})
             for name in os.listdir(tmp):

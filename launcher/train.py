@@ -40,6 +40,17 @@ def build_optimizer(model: torch.nn.Module, job: ResolvedJob) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=job.schedule.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
+def _test_fault() -> tuple[str, int] | None:
+    """Fault injection for the resume tests: GPTFORGE_TEST_FAULT=KIND@STEP, KIND one of ``sigkill``
+    (the process kills itself after that step, before any checkpoint of it), ``sigterm`` (as SLURM
+    does before a time limit) or ``sigkill-in-save`` (dies inside that step's checkpoint save)."""
+    spec = os.environ.get("GPTFORGE_TEST_FAULT")
+    if not spec:
+        return None
+    kind, _, at = spec.partition("@")
+    return kind, int(at)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (what SLURM sends before a time limit or preemption)."""
 
@@ -159,6 +170,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
                 "config": job.flat_params()}
 
     stop = StopFlag()
+    fault = _test_fault()
     micro = t.micro_batch_size
     summary: dict = {"start_step": step}
     val_loss = None
@@ -230,9 +242,12 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in record.items() if k != "step"} | memory_metrics(info.device),
                                     step)
+        if fault is not None and fault[1] == step and fault[0] in ("sigkill", "sigterm"):
+            os.kill(os.getpid(), signal.SIGKILL if fault[0] == "sigkill" else signal.SIGTERM)
         (stop_votes,) = all_reduce_sum([1.0 if stop.requested else 0.0], info.device)
         if step % cfg.checkpoint.interval == 0 or last_step or stop_votes > 0:
-            path = ckpt.save(step, model, optimizer, trainer_state())
+            kill_in_save = fault is not None and fault == ("sigkill-in-save", step)
+            path = ckpt.save(step, model, optimizer, trainer_state(), _die_before_rename=kill_in_save)
             log(f"checkpoint {path}")
         if stop_votes > 0:
             log(f"stop requested by signal: saved step {step}, exiting")

@@ -1,0 +1,96 @@
+"""Shared fixtures: a small real-text corpus (docstrings of the Python standard library, which every
+machine with Python has; PSF License), a tokenizer trained on it, its indexed dataset, and a config writer."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+import sysconfig
+
+import pytest
+import yaml
+
+GPTFORGE = [sys.executable, "-m", "gptforge.launcher.cli"]
+
+
+def stdlib_docstrings(limit: int = 400) -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        try:
+            with open(os.path.join(root, name), encoding="utf-8") as handle:
+                tree = ast.parse(handle.read())
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    docs.append(doc)
+        if len(docs) >= limit:
+            break
+    return docs[:limit]
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for i, text in enumerate(stdlib_docstrings()):
+            handle.write(json.dumps({"id": i, "text": text}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(corpus_jsonl, tmp_path_factory) -> str:
+    from gptforge.data_prep.tokenizer import train_tokenizer
+
+    prefix = tmp_path_factory.mktemp("tok") / "tok"
+    return train_tokenizer([corpus_jsonl], str(prefix), vocab_size=512).model_path
+
+
+@pytest.fixture(scope="session")
+def indexed_prefix(corpus_jsonl, tokenizer_model, tmp_path_factory) -> str:
+    from gptforge.data_prep.indexed_writer import tokenize_to_indexed
+
+    prefix = str(tmp_path_factory.mktemp("data") / "docs")
+    tokenize_to_indexed([corpus_jsonl], prefix, tokenizer_model, progress=False)
+    return prefix
+
+
+def base_config(run_dir, tokenizer_model: str, indexed_prefix: str) -> dict:
+    return {
+        "run": {"dir": str(run_dir)},
+        "model": {"preset": "tiny"},
+        "tokenizer": {"path": tokenizer_model},
+        "data": {"sources": [{"path": indexed_prefix, "weight": 1.0}], "split": "90,10,0", "seed": 7},
+        "train": {"max_steps": 8, "global_batch_size": 4, "micro_batch_size": 2, "seq_len": 32,
+                  "log_interval": 1, "eval_interval": 4, "eval_samples": 8, "seed": 3},
+        "optim": {"lr": 3e-3, "warmup_tokens": 256, "decay_tokens": 2048},
+        "checkpoint": {"interval": 4, "keep_last": 2},
+        "mlflow": {"enabled": False},
+    }
+
+
+@pytest.fixture
+def write_config(tmp_path, tokenizer_model, indexed_prefix):
+    """write_config(**sections) -> path of a YAML config for the tiny model, sections merged in."""
+
+    def write(name: str = "job.yaml", run_dir=None, **sections) -> str:
+        cfg = base_config(run_dir or tmp_path / "run", tokenizer_model, indexed_prefix)
+        for section, values in sections.items():
+            if values is None:
+                cfg.pop(section, None)
+            elif isinstance(values, dict) and isinstance(cfg.get(section), dict):
+                cfg[section] = cfg[section] | values
+            else:
+                cfg[section] = values
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    return write

@@ -1,0 +1,172 @@
+"""End-to-end training: exact resume after a real kill, MLflow contents, signals, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import GPTFORGE
+
+
+def run_train(config: str, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("GPTFORGE_TEST_FAULT", None)
+    if fault:
+        env["GPTFORGE_TEST_FAULT"] = fault
+    return subprocess.run(GPTFORGE + ["train", "--config", config, *extra], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), "each step logged once"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_resume_after_kill_is_exact(tmp_path, write_config):
+    """2N steps straight == N steps, SIGKILL (losing steps N+1, N+2), resume: identical loss every step."""
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    common = dict(train={"max_steps": 12, "eval_interval": 0}, checkpoint={"interval": 6, "keep_last": 2},
+                  model={"preset": "tiny", "dropout": 0.1})  # dropout: the RNG state must be restored too
+    a = write_config("a.yaml", run_dir=straight_dir, **common)
+    b = write_config("b.yaml", run_dir=resumed_dir, **common, mlflow={"enabled": True})
+    proc = run_train(a)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_train(b, fault="sigkill@8")
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = sorted(os.listdir(resumed_dir / "checkpoints"))
+    assert ckpts == ["step_00000006"]
+    proc = run_train(b, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000006" in proc.stdout
+    want, got = losses(straight_dir), losses(resumed_dir)
+    assert sorted(got) == list(range(1, 13))
+    assert got == want  # exact equality, fp32 on CPU
+    assert want[12] < want[1]
+
+    # The resumed job continued the same MLflow run, which now holds all 12 steps.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{resumed_dir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("gptforge").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted({m.step for m in history}) == list(range(1, 13))
+    assert {m.step: m.value for m in history}[12] == pytest.approx(want[12])
+    assert run.data.params["train.max_steps"] == "12" and run.data.params["model.n_layer"] == "2"
+    assert run.data.params["model.preset"] == "tiny" and "optim.warmup_tokens" in run.data.params
+    for key in ("lr", "grad_norm", "tokens_per_s", "memory_peak_rss_gib"):
+        assert key in run.data.metrics
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config", "tokenizer", "plots"} <= artifacts
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss_curve.png"]
+
+
+def test_torn_save_is_never_picked_up(tmp_path, write_config):
+    run_dir = tmp_path / "run"
+    cfg = write_config(run_dir=run_dir, train={"max_steps": 8, "eval_interval": 0}, checkpoint={"interval": 4})
+    proc = run_train(cfg, fault="sigkill-in-save@8")
+    assert proc.returncode == -signal.SIGKILL
+    names = sorted(os.listdir(run_dir / "checkpoints"))
+    assert names == [".tmp-step_00000008", "step_00000004"]
+    proc = run_train(cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000004", "step_00000008"]
+
+
+def test_sigterm_saves_and_exits(tmp_path, write_config):
+    run_dir = tmp_path / "run"
+    cfg = write_config(run_dir=run_dir, train={"max_steps": 20, "eval_interval": 0}, checkpoint={"interval": 100})
+    proc = run_train(cfg, fault="sigterm@3")
+    assert proc.returncode == 0, proc.stderr
+    assert "stop requested by signal" in proc.stdout
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000003"]
+    state = json.load(open(run_dir / "checkpoints" / "step_00000003" / "trainer_state.json"))
+    assert state["step"] == 3 and state["consumed_samples"] == 12 and state["tokens_seen"] == 12 * 32
+
+
+def test_tracking_server_down_never_stops_training(tmp_path, write_config):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    cfg = write_config(run_dir=run_dir, train={"max_steps": 4, "eval_interval": 0},
+                       mlflow={"enabled": True, "tracking_uri": f"http://127.0.0.1:{port}"})
+    proc = run_train(cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "MLflow" in proc.stderr and "training continues" in proc.stderr
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["final_step"] == 4 and summary["mlflow_dropped_calls"] > 0
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path, write_config):
+    run_dir = tmp_path / "run"
+    proc = run_train(write_config(run_dir=run_dir, train={"max_steps": 4, "eval_interval": 0}))
+    assert proc.returncode == 0, proc.stderr
+    bigger = write_config("big.yaml", run_dir=run_dir, model={"preset": "tiny", "n_layer": 3},
+                          train={"max_steps": 8, "eval_interval": 0})
+    proc = run_train(bigger)
+    assert proc.returncode == 2
+    assert "holds a model of another shape" in proc.stderr and "n_layer: checkpoint 2 vs config 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_train(bigger, "--resume", "none")
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+
+
+def test_loss_drops_and_validation_runs(tmp_path, write_config):
+    run_dir = tmp_path / "run"
+    cfg = write_config(run_dir=run_dir, train={"max_steps": 40, "eval_interval": 20, "log_interval": 10},
+                       optim={"warmup_tokens": 1024, "decay_tokens": 40 * 4 * 32})
+    proc = run_train(cfg)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert os.path.getsize(run_dir / "loss_curve.png") > 1000
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, write_config, precision):
+    run_dir = tmp_path / "run"
+    cfg = write_config(run_dir=run_dir, train={"max_steps": 6, "eval_interval": 3, "precision": precision})
+    proc = run_train(cfg)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert all(r["loss"] == r["loss"] for r in records)  # finite, not NaN
+    if precision == "fp16":
+        assert all("loss_scale" in r for r in records)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_data_parallel_matches_one_process(tmp_path, write_config):
+    """dp=2 (gloo, two processes) against one process with gradient accumulation: same global batch."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(train={"max_steps": 5, "eval_interval": 5, "global_batch_size": 4, "micro_batch_size": 1})
+    proc = run_train(write_config("one.yaml", run_dir=one, **common))
+    assert proc.returncode == 0, proc.stderr
+    cfg = write_config("two.yaml", run_dir=two, **common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "gptforge.launcher.cli", "train", "--config", cfg]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6)
+    va = [json.loads(l).get("val_loss") for l in open(one / "metrics.jsonl")][-1]
+    vb = [json.loads(l).get("val_loss") for l in open(two / "metrics.jsonl")][-1]
+    assert vb == pytest.approx(va, rel=1e-6)
