@@ -75,15 +75,18 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
     raw = load_yaml(config_path)
     errors = apply_overrides(raw, overrides)
     job = parse_job_config(raw, errors)
-    if job is None:
-        raise ConfigError(errors, config_path)
-
     tokenizer = None
-    try:
-        tokenizer = Tokenizer(job.tokenizer.path)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
-        errors.append(f"tokenizer.path: {err}")
+    tokenizer_path = (raw.get("tokenizer") or {}).get("path") if isinstance(raw.get("tokenizer"), dict) else None
+    if isinstance(tokenizer_path, str):
+        try:
+            tokenizer = Tokenizer(tokenizer_path)
+        except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+            errors.append(f"tokenizer.path: {err}")
     model = model_config_from_section(raw.get("model"), tokenizer.vocab_size if tokenizer else None, errors)
+    if job is None or errors:
+        # Structural problems (unknown/missing keys, wrong types, the model section) of every section at
+        # once; the checks below need a well-formed config.
+        raise ConfigError(errors, config_path)
 
     t, o, c = job.train, job.optim, job.checkpoint
     for key, value, low in (("train.max_steps", t.max_steps, 1), ("train.global_batch_size", t.global_batch_size, 1),
