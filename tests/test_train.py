@@ -170,3 +170,76 @@ def test_two_rank_data_parallel_matches_one_process(tmp_path, write_config):
     va = [json.loads(l).get("val_loss") for l in open(one / "metrics.jsonl")][-1]
     vb = [json.loads(l).get("val_loss") for l in open(two / "metrics.jsonl")][-1]
     assert vb == pytest.approx(va, rel=1e-6)
+
+
+def test_compile_matches_eager(tmp_path, write_config):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = dict(train={"max_steps": 3, "eval_interval": 0})
+    assert run_train(write_config("e.yaml", run_dir=eager, **common)).returncode == 0
+    cfg = write_config("c.yaml", run_dir=compiled, train=common["train"] | {"compile": True})
+    proc = run_train(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(eager), losses(compiled)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4)
+
+
+def test_tracking_server_from_environment(tmp_path, write_config):
+    """MLFLOW_TRACKING_URI points at a real MLflow server on 127.0.0.1: the run lands there."""
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "MLflow server did not start"
+                time.sleep(1)
+        run_dir = tmp_path / "run"
+        cfg = write_config(run_dir=run_dir, train={"max_steps": 3, "eval_interval": 0},
+                           mlflow={"enabled": True, "experiment": "served"})
+        env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+        env.pop("GPTFORGE_TEST_FAULT", None)
+        proc = subprocess.run(GPTFORGE + ["train", "--config", cfg], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert not (run_dir / "mlflow.db").exists()  # nothing embedded when a server is given
+        client = MlflowClient(tracking_uri=uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3]
+        assert "plots" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_batch_ramp_and_keep_last(tmp_path, write_config):
+    run_dir = tmp_path / "run"
+    # 64-token start (2 sequences of 32), full 8 sequences after 512 tokens; batch multiple 2 (micro 2, 1 rank)
+    cfg = write_config(run_dir=run_dir, train={"max_steps": 6, "eval_interval": 0, "global_batch_size": 8},
+                       optim={"batch_ramp_start_tokens": 64, "batch_ramp_tokens": 512},
+                       checkpoint={"interval": 2, "keep_last": 1})
+    proc = run_train(cfg)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    batches = [r["batch_size"] for r in records]
+    # 2 + 6 x tokens_seen / 512 sequences, rounded down to a multiple of 2; tokens seen before each step:
+    # 0, 64, 128, 192, 320, 448
+    assert batches == [2, 2, 2, 4, 4, 6]
+    assert [r["tokens_seen"] for r in records] == [64, 128, 192, 320, 448, 640]
+    assert os.listdir(run_dir / "checkpoints") == ["step_00000006"]
+    state = json.load(open(run_dir / "checkpoints" / "step_00000006" / "trainer_state.json"))
+    assert state["consumed_samples"] == sum(batches)
