@@ -100,6 +100,35 @@ def evaluate(model: GPT, dataset, n_samples: int, micro: int, info: DistInfo, jo
     return total / max(tokens, 1.0)
 
 
+def _train_step(ddp_model, model, optimizer, scaler, micro_batches: list[dict], global_tokens: float, lr: float, *,
+                precision: str, grad_clip: float, info: DistInfo) -> tuple[float, float]:
+    """Accumulate gradients over this rank's micro-batches, clip, step. Returns (local loss sum, grad norm)."""
+    loss_sum = 0.0
+    for i, mb in enumerate(micro_batches):
+        x, y, mask = (mb[k].to(info.device) for k in ("tokens", "labels", "loss_mask"))  # each [b, T]
+        last = i == len(micro_batches) - 1
+        # Gradients are all-reduced once per step, after the last micro-batch.
+        sync = contextlib.nullcontext() if last or info.world_size == 1 else ddp_model.no_sync()
+        with sync:
+            with _autocast(precision, info.device):
+                logits = ddp_model(x)  # [b, T, V]
+            summed = lm_loss_sum(logits, y, mask)
+            # DDP averages gradients over ranks, so scale by world size to get sum / global tokens.
+            scaler.scale(summed * (info.world_size / global_tokens)).backward()
+        loss_sum += float(summed.detach())
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    else:
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
 def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     """Run the job to ``train.max_steps`` (resuming per ``checkpoint.resume``); returns a summary."""
     t, cfg = job.job.train, job.job
@@ -181,33 +210,11 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         micro_batches = list(_micro_batches(datasets.train, consumed, batch, micro, info))
         local_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
         (global_tokens,) = all_reduce_sum([local_tokens], info.device)
-        loss_sum = 0.0
-        for i, mb in enumerate(micro_batches):
-            x, y, mask = (mb[k].to(info.device) for k in ("tokens", "labels", "loss_mask"))
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or info.world_size == 1 else ddp_model.no_sync()
-            with sync:
-                with _autocast(t.precision, info.device):
-                    logits = ddp_model(x)  # [b, T, V]
-                summed = lm_loss_sum(logits, y, mask)
-                # DDP averages gradients over ranks, so scale by world size to get sum / global tokens.
-                loss = summed * (info.world_size / global_tokens)
-                scaler.scale(loss).backward()
-            loss_sum += float(summed.detach())
         tokens_seen += batch * job.seq_len
         consumed += batch
         lr = job.schedule.lr(tokens_seen)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)
-        if cfg.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = _train_step(ddp_model, model, optimizer, scaler, micro_batches, global_tokens, lr,
+                                          precision=t.precision, grad_clip=cfg.optim.grad_clip, info=info)
         step += 1
         (loss_total,) = all_reduce_sum([loss_sum], info.device)
         loss_value = loss_total / global_tokens
