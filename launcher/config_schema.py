@@ -105,6 +105,20 @@ class MlflowConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    """How the ranks of a job split the work (see parallel/dims.py); tp x dp must equal the world size."""
+
+    tp: int = 1
+    """Tensor-parallel degree: heads, FFN and vocabulary split over this many ranks."""
+    dp: int = -1
+    """Data-parallel degree; -1 infers world_size / tp."""
+    sequence_parallel: bool = False
+    """Also shard LayerNorm/dropout activations along the sequence over the tensor-parallel ranks."""
+    zero_stage: int = 0
+    """0: DDP replicas; 2: FSDP2 without resharding after forward (ZeRO-2 like); 3: FSDP2 (ZeRO-3 like)."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     dir: str
     """Run directory: checkpoints, metrics, MLflow store, data caches."""
@@ -128,3 +142,4 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

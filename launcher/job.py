@@ -21,6 +21,7 @@ from gptforge.launcher.config_schema import JobConfig
 from gptforge.launcher.schedule import TokenSchedule
 from gptforge.model.config import GPTConfig
 from gptforge.model.presets import PRESETS
+from gptforge.parallel.dims import ParallelDims
 
 
 @dataclass(kw_only=True)
@@ -28,6 +29,7 @@ class ResolvedJob:
     job: JobConfig
     model: GPTConfig
     schedule: TokenSchedule
+    dims: ParallelDims
     seq_len: int
     world_size: int
     tokenizer_sha: str
@@ -114,15 +116,21 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
     if seq_len is not None and seq_len < 1:
         errors.append(f"train.seq_len must be >= 1, got {seq_len}")
 
+    par = job.parallel
+    dims = ParallelDims.resolve(tp=par.tp, dp=par.dp, sequence_parallel=par.sequence_parallel,
+                                zero_stage=par.zero_stage, world_size=world_size, errors=errors)
+    if dims is not None and model is not None and seq_len:
+        errors.extend(dims.validate_model(model, seq_len))
+
     preset = PRESETS.get(raw.get("model", {}).get("preset") if isinstance(raw.get("model"), dict) else None)
     peak_lr = o.lr if o.lr is not None else (preset.lr if preset is not None else None)
     if peak_lr is None and preset is not None:
         errors.append(f"optim.lr: required, preset {preset.name!r} has no paper learning rate")
     schedule = None
-    if seq_len and peak_lr is not None and t.micro_batch_size >= 1:
+    if seq_len and peak_lr is not None and t.micro_batch_size >= 1 and dims is not None:
         schedule = TokenSchedule(
             peak_lr=peak_lr, min_lr_ratio=o.min_lr_ratio, warmup_tokens=o.warmup_tokens, decay_tokens=o.decay_tokens,
-            seq_len=seq_len, full_batch=t.global_batch_size, batch_multiple=t.micro_batch_size * world_size,
+            seq_len=seq_len, full_batch=t.global_batch_size, batch_multiple=t.micro_batch_size * dims.dp,
             ramp_start_tokens=o.batch_ramp_start_tokens, ramp_tokens=o.batch_ramp_tokens,
         )
         errors.extend(schedule.validate())
@@ -134,7 +142,7 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
     if errors:
         raise ConfigError(errors, config_path)
     return ResolvedJob(
-        job=job, model=model, schedule=schedule, seq_len=seq_len, world_size=world_size,
+        job=job, model=model, schedule=schedule, dims=dims, seq_len=seq_len, world_size=world_size,
         tokenizer_sha=tokenizer.sha256, tokenizer_eod=tokenizer.eod,
         checkpoint_dir=c.dir or os.path.join(job.run.dir, "checkpoints"),
         cache_dir=job.data.cache_dir or os.path.join(job.run.dir, "data_cache"), raw=raw,

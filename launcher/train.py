@@ -28,7 +28,9 @@ from gptforge.launcher.tracking import Tracker, default_tracking_uri
 from gptforge.model.flops import count_parameters, flops_per_token, peak_flops
 from gptforge.model.gpt import GPT, lm_loss_sum
 from gptforge.model.sample import sample
-from gptforge.parallel.distributed import DistInfo, all_reduce_sum, apply_data_parallel, init_distributed
+from gptforge.parallel.apply import no_grad_sync, parallelize
+from gptforge.parallel.dims import ParallelDims
+from gptforge.parallel.distributed import all_reduce_sum, init_distributed
 
 
 def build_optimizer(model: torch.nn.Module, job: ResolvedJob) -> torch.optim.AdamW:
@@ -70,51 +72,59 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _micro_batches(dataset, start: int, batch: int, micro: int, info: DistInfo):
-    """This rank's micro-batches of the global batch of samples [start, start + batch)."""
-    per_rank = batch // info.world_size
-    first = start + info.rank * per_rank
+def _micro_batches(dataset, start: int, batch: int, micro: int, dp_rank: int, dp_size: int):
+    """This data-parallel rank's micro-batches of the global batch of samples [start, start + batch)."""
+    per_rank = batch // dp_size
+    first = start + dp_rank * per_rank
     for m in range(per_rank // micro):
         items = [dataset[first + m * micro + j] for j in range(micro)]
         yield {k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask")}
 
 
 @torch.no_grad()
-def evaluate(model: GPT, dataset, n_samples: int, micro: int, info: DistInfo, job: ResolvedJob) -> float:
-    """Mean token loss over the first ``n_samples`` validation sequences (split over ranks)."""
+def evaluate(model: torch.nn.Module, dataset, n_samples: int, micro: int, dp_rank: int, dp_size: int,
+             precision: str, device: torch.device, dp_group) -> float:
+    """Mean token loss over the first ``n_samples`` validation sequences, split over data-parallel ranks.
+
+    Every rank runs the same number of forwards (sharded parameters are gathered collectively):
+    a rank with fewer sequences repeats one with zero weight."""
     model.eval()
+    n = min(n_samples, len(dataset))
+    per_rank = -(-n // dp_size)
+    ids = [(i, 1.0) for i in range(dp_rank, n, dp_size)]
+    ids += [(0, 0.0)] * (per_rank - len(ids))
     total = tokens = 0.0
-    mine = range(info.rank, min(n_samples, len(dataset)), info.world_size)
-    ids = list(mine)
-    for i in range(0, len(ids), micro):
-        items = [dataset[j] for j in ids[i : i + micro]]
-        x = torch.stack([it["tokens"] for it in items]).to(info.device)
-        y = torch.stack([it["labels"] for it in items]).to(info.device)
-        mask = torch.stack([it["loss_mask"] for it in items]).to(info.device)
-        with _autocast(job.job.train.precision, info.device):
+    for start in range(0, per_rank, micro):
+        chunk = ids[start : start + micro]
+        items = [dataset[i] for i, _ in chunk]
+        x = torch.stack([it["tokens"] for it in items]).to(device)  # [b, T]
+        y = torch.stack([it["labels"] for it in items]).to(device)
+        weight = torch.tensor([w for _, w in chunk], device=device)[:, None]  # [b, 1]
+        mask = torch.stack([it["loss_mask"] for it in items]).to(device) * weight
+        with _autocast(precision, device):
             logits = model(x)
         total += float(lm_loss_sum(logits, y, mask))
         tokens += float(mask.sum())
     model.train()
-    total, tokens = all_reduce_sum([total, tokens], info.device)
+    total, tokens = all_reduce_sum([total, tokens], device, dp_group)
     return total / max(tokens, 1.0)
 
 
 def _train_step(ddp_model, model, optimizer, scaler, micro_batches: list[dict], global_tokens: float, lr: float, *,
-                precision: str, grad_clip: float, info: DistInfo) -> tuple[float, float]:
+                precision: str, grad_clip: float, dims: ParallelDims, device: torch.device) -> tuple[float, float]:
     """Accumulate gradients over this rank's micro-batches, clip, step. Returns (local loss sum, grad norm)."""
     loss_sum = 0.0
     for i, mb in enumerate(micro_batches):
-        x, y, mask = (mb[k].to(info.device) for k in ("tokens", "labels", "loss_mask"))  # each [b, T]
+        x, y, mask = (mb[k].to(device) for k in ("tokens", "labels", "loss_mask"))  # each [b, T]
         last = i == len(micro_batches) - 1
-        # Gradients are all-reduced once per step, after the last micro-batch.
-        sync = contextlib.nullcontext() if last or info.world_size == 1 else ddp_model.no_sync()
+        # Gradients are reduced over data-parallel ranks once per step, after the last micro-batch.
+        sync = contextlib.nullcontext() if last else no_grad_sync(ddp_model, dims)
         with sync:
-            with _autocast(precision, info.device):
+            with _autocast(precision, device):
                 logits = ddp_model(x)  # [b, T, V]
             summed = lm_loss_sum(logits, y, mask)
-            # DDP averages gradients over ranks, so scale by world size to get sum / global tokens.
-            scaler.scale(summed * (info.world_size / global_tokens)).backward()
+            # DDP/FSDP average gradients over dp ranks: scale by dp size to get sum / global tokens.
+            scaler.scale(summed * (dims.dp / global_tokens)).backward()
         loss_sum += float(summed.detach())
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -136,16 +146,17 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     log = (lambda msg: print(msg, file=stream, flush=True)) if info.is_main else (lambda msg: None)
     torch.manual_seed(t.seed)
 
-    # Build on the meta device, materialise, then initialise: the same path parallel/ uses for big models.
+    dims = job.dims
+    mesh = dims.build_mesh(info.device.type)
+    dp_rank, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
+    # Build on the meta device, lay out, materialise, initialise (parallel/apply.py).
     with torch.device("meta"):
         model = GPT(job.model)
-    model.to_empty(device=info.device)
-    model.init_weights(torch.Generator(device=info.device).manual_seed(t.seed))
+    ddp_model = parallelize(model, dims, mesh, info.device, t.seed)
     n_params = count_parameters(job.model)
     fpt = flops_per_token(job.model, job.seq_len, n_params["total"] - n_params["position_embedding"])
     device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
     peak = peak_flops(device_name)
-    ddp_model = apply_data_parallel(model, info)
     if t.compile:
         ddp_model = torch.compile(ddp_model)
     optimizer = build_optimizer(model, job)
@@ -190,7 +201,9 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         tracker.log_artifact(config_copy, "config")
         log(f"MLflow run {mlflow_run_id} at {uri}")
     log(f"model {job.raw['model']['preset']}: {n_params['total']:,} parameters; {fpt / 1e6:.2f} MFLOPs/token; "
-        f"{info.world_size} rank(s) on {info.device}{' (' + device_name + ')' if device_name else ''}")
+        f"{info.world_size} rank(s) on {info.device}{' (' + device_name + ')' if device_name else ''}; "
+        f"tp {dims.tp} x dp {dims.dp}{' (sequence parallel)' if dims.sequence_parallel else ''}, "
+        f"zero stage {dims.zero_stage}")
 
     def trainer_state() -> dict:
         return {"tokens_seen": tokens_seen, "consumed_samples": consumed, "mlflow_run_id": mlflow_run_id,
@@ -207,16 +220,17 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     while step < t.max_steps:
         t0 = time.perf_counter()
         batch = job.schedule.batch_size(tokens_seen)
-        micro_batches = list(_micro_batches(datasets.train, consumed, batch, micro, info))
+        micro_batches = list(_micro_batches(datasets.train, consumed, batch, micro, dp_rank, dims.dp))
         local_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
-        (global_tokens,) = all_reduce_sum([local_tokens], info.device)
+        (global_tokens,) = all_reduce_sum([local_tokens], info.device, dp_group)
         tokens_seen += batch * job.seq_len
         consumed += batch
         lr = job.schedule.lr(tokens_seen)
         loss_sum, grad_norm = _train_step(ddp_model, model, optimizer, scaler, micro_batches, global_tokens, lr,
-                                          precision=t.precision, grad_clip=cfg.optim.grad_clip, info=info)
+                                          precision=t.precision, grad_clip=cfg.optim.grad_clip, dims=dims,
+                                          device=info.device)
         step += 1
-        (loss_total,) = all_reduce_sum([loss_sum], info.device)
+        (loss_total,) = all_reduce_sum([loss_sum], info.device, dp_group)
         loss_value = loss_total / global_tokens
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
@@ -233,7 +247,8 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
             log(f"step {step}: loss is {loss_value}")
         last_step = step == t.max_steps
         if t.eval_interval > 0 and (step % t.eval_interval == 0 or last_step):
-            val_loss = evaluate(model, datasets.valid, t.eval_samples, micro, info, job)
+            val_loss = evaluate(model, datasets.valid, t.eval_samples, micro, dp_rank, dims.dp, t.precision,
+                                info.device, dp_group)
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
         if metrics_log is not None:
@@ -261,9 +276,10 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
             break
 
     summary |= {"final_step": step, "tokens_seen": tokens_seen, "val_loss": val_loss, "mlflow_run_id": mlflow_run_id}
-    if info.is_main and step == t.max_steps and t.sample_tokens > 0:
+    if step == t.max_steps and t.sample_tokens > 0:
         from gptforge.data_prep.tokenizer import Tokenizer
 
+        # Every rank samples the same tokens (same seed): sharded forwards need all of them.
         tok = Tokenizer(job.job.tokenizer.path)
         prompt = tok.encode(t.sample_prompt) if t.sample_prompt else [tok.eod]
         out = sample(model, prompt, max_new_tokens=t.sample_tokens, temperature=0.8, top_k=40,

@@ -2,8 +2,8 @@
 
 Parallelism (tensor, sequence, pipeline, data) is applied from the outside by ``gptforge.parallel`` by
 module name, so names here are part of the contract: ``tok_embeddings``, ``pos_embeddings``,
-``blocks.{i}.{ln_1,attn.{wq,wk,wv,wo},ln_2,mlp.{fc_in,fc_out}}``, ``norm``. The output projection is
-tied to ``tok_embeddings.weight`` (GPT-2/3).
+``blocks.{i}.{ln_1,attn.{wq,wk,wv,wo},ln_2,mlp.{fc_in,fc_out}}``, ``norm``, ``lm_head``. The output
+projection (``lm_head``) is tied to ``tok_embeddings.weight`` (GPT-2/3).
 
 Build pattern (large models): construct under ``torch.device("meta")``, parallelize, ``to_empty``, then
 ``init_weights()``; the constructor does not initialise anything by itself.
@@ -12,6 +12,7 @@ Build pattern (large models): construct under ``torch.device("meta")``, parallel
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,14 @@ class Block(nn.Module):
         return self.ln_2(x + self.resid_dropout(self.mlp(x)))
 
 
+class TiedHead(nn.Module):
+    """Output projection tied to the token embedding, logits = h E^T; no parameters of its own (a module
+    so that parallel/ can lay out its inputs and output)."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, weight)  # [B, T, D] x [V, D]^T -> [B, T, V]
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -102,25 +111,31 @@ class GPT(nn.Module):
             if config.final_norm
             else None
         )
+        self.lm_head = TiedHead()
+
+    def init_rule(self, name: str) -> tuple[str, float]:
+        """How parameter ``name`` is initialised: ("normal", std), ("ones", 0) or ("zeros", 0).
+
+        N(0, init_std) weights (GPT-1 section 4.1), zero biases, unit LayerNorm gains; residual output
+        projections N(0, init_std / sqrt(2 n_layer)) when ``scale_residual_init`` (GPT-2 section 2.3:
+        N = 2 residual layers per block)."""
+        cfg = self.config
+        if name.endswith(".bias"):
+            return "zeros", 0.0
+        module = self.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(module, nn.LayerNorm):
+            return "ones", 0.0
+        if name.endswith(("attn.wo.weight", "mlp.fc_out.weight")) and cfg.scale_residual_init:
+            return "normal", cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        return "normal", cfg.init_std
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """N(0, init_std) weights, zero biases, unit LayerNorms; residual output projections scaled by
-        1/sqrt(2 n_layer) when ``scale_residual_init`` (GPT-2 section 2.3: N = 2 residual layers per block)."""
-        cfg = self.config
-        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if cfg.scale_residual_init else cfg.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = resid_std if name.endswith(("attn.wo", "mlp.fc_out")) else cfg.init_std
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std, generator=generator)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter from a generator seeded by (seed, parameter name), so a parameter's
+        values do not depend on the order of construction, and ``gptforge.parallel`` can produce the same
+        values for any sharding of it."""
+        for name, param in self.named_parameters():
+            init_tensor_(param, self.init_rule(name), seed, name)
 
     def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, D] (after the final LayerNorm if any)."""
@@ -137,17 +152,32 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, padded_vocab]. Columns >= vocab_size are padding."""
         h = self.hidden_states(tokens, position_ids)
-        return F.linear(h, self.tok_embeddings.weight)  # tied output projection
+        return self.lm_head(h, self.tok_embeddings.weight)
 
 
-def build_model(config: GPTConfig, device: torch.device | str = "cpu", seed: int | None = None) -> GPT:
+def param_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator whose stream depends only on the run seed and the parameter's name."""
+    digest = zlib.crc32(name.encode("utf-8"))
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + digest) % (2**63))
+
+
+@torch.no_grad()
+def init_tensor_(tensor: torch.Tensor, rule: tuple[str, float], seed: int, name: str) -> None:
+    """Fill ``tensor`` (a full, unsharded tensor) by ``rule`` with the (seed, name) generator."""
+    kind, std = rule
+    if kind == "zeros":
+        tensor.zero_()
+    elif kind == "ones":
+        tensor.fill_(1.0)
+    else:
+        tensor.normal_(mean=0.0, std=std, generator=param_generator(seed, name, tensor.device))
+
+
+def build_model(config: GPTConfig, device: torch.device | str = "cpu", seed: int = 0) -> GPT:
     """Construct on ``device`` and initialise (the single-process path; parallel/ uses meta + to_empty)."""
     with torch.device(device):
         model = GPT(config)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    model.init_weights(generator)
+    model.init_weights(seed)
     return model
 
 

@@ -1,4 +1,4 @@
-"""Process-group set-up and data parallelism, applied to a plain model from the outside.
+"""Process-group set-up and the few collectives the training loop needs.
 
 Under ``torchrun`` (or ``srun torchrun``) the rank and world size come from the environment; a plain
 ``gptforge train`` runs as a one-rank group on an in-memory store, so the same code path (collectives,
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -56,21 +55,11 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def apply_data_parallel(model: nn.Module, info: DistInfo) -> nn.Module:
-    """Replicate across ranks with gradient all-reduce (averaged); identity on one rank."""
-    if info.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum floats across ranks (one collective for the list)."""
+def all_reduce_sum(values: list[float], device: torch.device, group=None) -> list[float]:
+    """Sum floats across the ranks of ``group`` (default: all), one collective for the list."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
     return tensor.tolist()
 
 

@@ -1,0 +1,71 @@
+"""Turn a meta-device GPT into this rank's trained module under a ``ParallelDims`` layout.
+
+Order: tensor parallel on the meta model -> materialise (``to_empty``) -> initialise -> data parallel
+(DDP replicas, or FSDP2 sharding for ZeRO-2/3). Every parameter is initialised from its full value,
+generated from (seed, parameter name) exactly as a single process would, and this rank keeps its shard:
+so a model has the same weights under every layout, which the equivalence tests rely on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from gptforge.model.gpt import GPT, init_tensor_
+from gptforge.parallel.dims import ParallelDims
+from gptforge.parallel.tensor_parallel import apply_tensor_parallel
+
+
+@torch.no_grad()
+def init_parameters(model: GPT, seed: int) -> None:
+    for name, param in model.named_parameters():
+        rule = model.init_rule(name)
+        if isinstance(param, DTensor):
+            full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+            init_tensor_(full, rule, seed, name)
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            init_tensor_(param, rule, seed, name)
+
+
+def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed: int) -> nn.Module:
+    """``model`` is on the meta device; returns the module to call for training (maybe a DDP wrapper)."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=dims.sequence_parallel)
+    model.to_empty(device=device)
+    init_parameters(model, seed)
+    if dims.zero_stage in (2, 3):
+        from torch.distributed.fsdp import fully_shard
+
+        reshard = dims.zero_stage == 3  # ZeRO-3: free gathered parameters after forward; ZeRO-2: keep them
+        for block in model.blocks.values():
+            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard)
+        return model
+    if dims.dp > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh["dp"].get_group())
+    return model
+
+
+def no_grad_sync(module: nn.Module, dims: ParallelDims):
+    """Context in which backward accumulates gradients locally (all micro-batches but the last)."""
+    import contextlib
+
+    if dims.zero_stage in (2, 3):
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+
+        return fsdp_no_sync()
+    if dims.dp > 1:
+        return module.no_sync()
+    return contextlib.nullcontext()

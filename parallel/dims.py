@@ -1,0 +1,81 @@
+"""The parallel layout of a job: degrees, their validation, and the device mesh.
+
+All checks run before any process group starts and are reported together, each naming its key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptforge.model.config import GPTConfig
+
+FSDP_STAGES = (2, 3)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelDims:
+    tp: int
+    """Tensor-parallel degree (Megatron-style column/row splits, applied with DTensor)."""
+    dp: int
+    """Data-parallel degree (replicas, or shards under ZeRO-2/3)."""
+    sequence_parallel: bool = False
+    """Shard LayerNorm/dropout regions along the sequence over the tensor-parallel ranks."""
+    zero_stage: int = 0
+    """0: DDP replicas; 2: FSDP2, parameters kept gathered between forward and backward (ZeRO-2 like);
+    3: FSDP2, parameters resharded after forward (ZeRO-3 like)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.dp
+
+    @classmethod
+    def resolve(cls, *, tp: int, dp: int, sequence_parallel: bool, zero_stage: int, world_size: int,
+                errors: list[str]) -> "ParallelDims | None":
+        """``dp = -1`` is inferred as world_size / tp. Appends named errors and returns None when invalid."""
+        start = len(errors)
+        if tp < 1:
+            errors.append(f"parallel.tp must be >= 1, got {tp}")
+        if dp == 0 or dp < -1:
+            errors.append(f"parallel.dp must be >= 1 or -1 (inferred), got {dp}")
+        if zero_stage not in (0, *FSDP_STAGES):
+            errors.append(f"parallel.zero_stage must be 0 (DDP), 2 or 3 (FSDP2), got {zero_stage}")
+        if len(errors) > start:
+            return None
+        if dp == -1:
+            if world_size % tp:
+                errors.append(f"world size {world_size} is not divisible by parallel.tp ({tp})")
+                return None
+            dp = world_size // tp
+        if tp * dp != world_size:
+            errors.append(f"parallel.tp ({tp}) x parallel.dp ({dp}) = {tp * dp} does not match the world size "
+                          f"({world_size} processes); set parallel.dp=-1 to infer it")
+            return None
+        if sequence_parallel and tp == 1:
+            errors.append("parallel.sequence_parallel needs parallel.tp > 1")
+        if tp > 1 and dp > 1 and zero_stage == 0:
+            errors.append("parallel.tp > 1 with parallel.dp > 1 needs parallel.zero_stage 2 or 3 (FSDP2 takes "
+                          "tensor-parallel parameters; DDP does not)")
+        if len(errors) > start:
+            return None
+        return cls(tp=tp, dp=dp, sequence_parallel=sequence_parallel, zero_stage=zero_stage)
+
+    def validate_model(self, model: GPTConfig, seq_len: int) -> list[str]:
+        """Shape constraints of this layout on a model (each error names the keys involved)."""
+        errors = []
+        if model.n_head % self.tp:
+            errors.append(f"model.n_head ({model.n_head}) must be divisible by parallel.tp ({self.tp})")
+        if model.ffn_dim % self.tp:
+            errors.append(f"model FFN size ({model.ffn_dim}) must be divisible by parallel.tp ({self.tp})")
+        if model.padded_vocab_size % self.tp:
+            errors.append(f"padded vocabulary ({model.padded_vocab_size}) must be divisible by parallel.tp "
+                          f"({self.tp}); change model.pad_vocab_multiple")
+        if self.sequence_parallel and seq_len % self.tp:
+            errors.append(f"train.seq_len ({seq_len}) must be divisible by parallel.tp ({self.tp}) "
+                          f"with parallel.sequence_parallel")
+        return errors
+
+    def build_mesh(self, device_type: str):
+        """A 2-D DeviceMesh ("dp", "tp") over the default process group."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))

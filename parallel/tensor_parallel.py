@@ -1,0 +1,82 @@
+"""Tensor (and sequence) parallelism for the GPT of ``gptforge.model``, applied by module name.
+
+Megatron's split with DTensor styles: q/k/v and MLP-in column-wise, attention-out and MLP-out row-wise,
+the token embedding row-wise over the (padded) vocabulary, and the tied output projection computed
+against that same vocabulary-sharded matrix. Parameters no style shards (position embeddings,
+LayerNorms without sequence parallelism) become replicated DTensors, so every parameter is a DTensor on
+the "tp" mesh and gradient clipping sees one consistent set.
+
+With ``sequence_parallel`` the LayerNorm/dropout regions hold [B, T/tp, D] sequence shards: the
+embedding output is sliced to its shard, attention and MLP inputs are all-gathered, their outputs
+reduce-scattered back to shards.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+class ReplicateParallel(ParallelStyle):
+    """Parameters replicated as DTensors; plain tensors in and out (what the surrounding code sees)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_dtensor(mod, inputs, mesh):
+            return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+                         if hasattr(t, "dim") and not isinstance(t, DTensor) else t for t in inputs)
+
+        def to_local(mod, output, mesh):
+            return output.to_local() if isinstance(output, DTensor) else output
+
+        return distribute_module(module, device_mesh, input_fn=to_dtensor, output_fn=to_local)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """Shard ``model`` (a ``gptforge.model.GPT``) in place over ``tp_mesh``."""
+    sp = sequence_parallel
+    act = Shard(1) if sp else Replicate()  # layout of activations between sub-blocks: [B, T(/tp), D]
+    norm_style = SequenceParallel() if sp else ReplicateParallel()
+    plan: dict[str, ParallelStyle] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "pos_embeddings": ReplicateParallel(),
+        "lm_head": tied_head_style(act),
+    }
+    if sp:  # the summed embeddings are full on every rank: keep this rank's sequence shard (no communication)
+        plan["emb_dropout"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+    if getattr(model, "norm", None) is not None:
+        plan["norm"] = norm_style
+    for name in model.blocks:
+        prefix = f"blocks.{name}"
+        plan |= {
+            f"{prefix}.ln_1": norm_style,
+            f"{prefix}.ln_2": norm_style,
+            f"{prefix}.attn": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
+            f"{prefix}.attn.wq": ColwiseParallel(),
+            f"{prefix}.attn.wk": ColwiseParallel(),
+            f"{prefix}.attn.wv": ColwiseParallel(),
+            f"{prefix}.attn.wo": RowwiseParallel(output_layouts=act),
+            f"{prefix}.mlp": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
+            f"{prefix}.mlp.fc_in": ColwiseParallel(),
+            f"{prefix}.mlp.fc_out": RowwiseParallel(output_layouts=act),
+        }
+    parallelize_module(model, tp_mesh, plan)
+
+
+def tied_head_style(act) -> ParallelStyle:
+    """The tied head: gather the hidden states, multiply by the vocabulary-sharded embedding matrix
+    (output sharded over the vocabulary), then gather the logits to full [B, T, V] on every rank."""
+    return PrepareModuleInputOutput(
+        input_layouts=(act, None), desired_input_layouts=(Replicate(), None), use_local_input=False,
+        output_layouts=Shard(-1), desired_output_layouts=Replicate(), use_local_output=True,
+    )
