@@ -6,13 +6,11 @@ from __future__ import annotations
 import ast
 import json
 import os
-import sys
 import sysconfig
 
 import pytest
 import yaml
 
-GPTFORGE = [sys.executable, "-m", "gptforge.launcher.cli"]
 
 
 def stdlib_docstrings(limit: int = 400) -> list[str]:

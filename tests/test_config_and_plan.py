@@ -9,7 +9,7 @@ from gptforge.launcher.job import resolve_job
 from gptforge.launcher.schedule import TokenSchedule
 from gptforge.model.presets import gpt3_presets
 
-from conftest import GPTFORGE
+from launch import GPTFORGE
 
 
 def errors_of(path, overrides=(), world_size=1) -> list[str]:

@@ -12,7 +12,7 @@ from gptforge.data_prep.gpt_data import import_megatron_datasets
 from gptforge.data_prep.indexed_writer import read_metadata, tokenize_to_indexed
 from gptforge.data_prep.tokenizer import EOD_TOKEN, Tokenizer, train_tokenizer
 
-from conftest import GPTFORGE
+from launch import GPTFORGE
 
 
 @pytest.fixture(scope="module")

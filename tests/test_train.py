@@ -9,23 +9,7 @@ import sys
 
 import pytest
 
-from conftest import GPTFORGE
-
-
-def run_train(config: str, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("GPTFORGE_TEST_FAULT", None)
-    if fault:
-        env["GPTFORGE_TEST_FAULT"] = fault
-    return subprocess.run(GPTFORGE + ["train", "--config", config, *extra], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
-def losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), "each step logged once"
-    return {r["step"]: r["loss"] for r in records}
+from launch import GPTFORGE, free_port, losses, run_train
 
 
 def test_resume_after_kill_is_exact(tmp_path, write_config):
@@ -146,12 +130,6 @@ def test_mixed_precision_trains(tmp_path, write_config, precision):
         assert all("loss_scale" in r for r in records)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_data_parallel_matches_one_process(tmp_path, write_config):
     """dp=2 (gloo, two processes) against one process with gradient accumulation: same global batch."""
     one, two = tmp_path / "one", tmp_path / "two"
@@ -159,9 +137,7 @@ def test_two_rank_data_parallel_matches_one_process(tmp_path, write_config):
     proc = run_train(write_config("one.yaml", run_dir=one, **common))
     assert proc.returncode == 0, proc.stderr
     cfg = write_config("two.yaml", run_dir=two, **common)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "gptforge.launcher.cli", "train", "--config", cfg]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_train(cfg, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]

@@ -1,0 +1,45 @@
+"""Helpers that start ``gptforge train`` as one process or as several gloo ranks (torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+GPTFORGE = [sys.executable, "-m", "gptforge.launcher.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(config: str, *extra: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return GPTFORGE + ["train", "--config", config, *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), "-m", "gptforge.launcher.cli", "train", "--config", config, *extra]
+
+
+def run_train(config: str, *extra: str, nproc: int = 1, fault: str | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("GPTFORGE_TEST_FAULT", None)
+    if fault:
+        env["GPTFORGE_TEST_FAULT"] = fault
+    return subprocess.run(train_cmd(config, *extra, nproc=nproc), capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def losses(run_dir) -> dict[int, float]:
+    recs = records(run_dir)
+    steps = [r["step"] for r in recs]
+    assert len(steps) == len(set(steps)), "each step logged once"
+    return {r["step"]: r["loss"] for r in recs}
