@@ -116,6 +116,8 @@ class ParallelConfig:
     """Also shard LayerNorm/dropout activations along the sequence over the tensor-parallel ranks."""
     zero_stage: int = 0
     """0: DDP replicas; 2: FSDP2 without resharding after forward (ZeRO-2 like); 3: FSDP2 (ZeRO-3 like)."""
+    loss_parallel: bool = True
+    """With tp > 1, compute the cross-entropy on vocabulary-sharded logits (never gathering [B, T, V])."""
 
 
 @dataclass(kw_only=True)

@@ -118,7 +118,8 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
 
     par = job.parallel
     dims = ParallelDims.resolve(tp=par.tp, dp=par.dp, sequence_parallel=par.sequence_parallel,
-                                zero_stage=par.zero_stage, world_size=world_size, errors=errors)
+                                zero_stage=par.zero_stage, world_size=world_size, errors=errors,
+                                loss_parallel=par.loss_parallel)
     if dims is not None and model is not None and seq_len:
         errors.extend(dims.validate_model(model, seq_len))
 

@@ -26,10 +26,11 @@ from gptforge.launcher.job import ResolvedJob
 from gptforge.launcher.train_metrics import MetricsLog, memory_metrics, plot_loss_curve
 from gptforge.launcher.tracking import Tracker, default_tracking_uri
 from gptforge.model.flops import count_parameters, flops_per_token, peak_flops
-from gptforge.model.gpt import GPT, lm_loss_sum
+from gptforge.model.gpt import GPT
 from gptforge.model.sample import sample
 from gptforge.parallel.apply import no_grad_sync, parallelize
 from gptforge.parallel.dims import ParallelDims
+from gptforge.parallel.loss import full_logits, loss_context, token_loss_sum
 from gptforge.parallel.distributed import all_reduce_sum, init_distributed
 
 
@@ -82,7 +83,7 @@ def _micro_batches(dataset, start: int, batch: int, micro: int, dp_rank: int, dp
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, n_samples: int, micro: int, dp_rank: int, dp_size: int,
+def evaluate(model: torch.nn.Module, dataset, n_samples: int, micro: int, dp_rank: int, dims: ParallelDims,
              precision: str, device: torch.device, dp_group) -> float:
     """Mean token loss over the first ``n_samples`` validation sequences, split over data-parallel ranks.
 
@@ -90,8 +91,8 @@ def evaluate(model: torch.nn.Module, dataset, n_samples: int, micro: int, dp_ran
     a rank with fewer sequences repeats one with zero weight."""
     model.eval()
     n = min(n_samples, len(dataset))
-    per_rank = -(-n // dp_size)
-    ids = [(i, 1.0) for i in range(dp_rank, n, dp_size)]
+    per_rank = -(-n // dims.dp)
+    ids = [(i, 1.0) for i in range(dp_rank, n, dims.dp)]
     ids += [(0, 0.0)] * (per_rank - len(ids))
     total = tokens = 0.0
     for start in range(0, per_rank, micro):
@@ -101,9 +102,9 @@ def evaluate(model: torch.nn.Module, dataset, n_samples: int, micro: int, dp_ran
         y = torch.stack([it["labels"] for it in items]).to(device)
         weight = torch.tensor([w for _, w in chunk], device=device)[:, None]  # [b, 1]
         mask = torch.stack([it["loss_mask"] for it in items]).to(device) * weight
-        with _autocast(precision, device):
+        with _autocast(precision, device), loss_context(dims):
             logits = model(x)
-        total += float(lm_loss_sum(logits, y, mask))
+            total += float(token_loss_sum(logits, y, mask))
         tokens += float(mask.sum())
     model.train()
     total, tokens = all_reduce_sum([total, tokens], device, dp_group)
@@ -119,10 +120,10 @@ def _train_step(ddp_model, model, optimizer, scaler, micro_batches: list[dict], 
         last = i == len(micro_batches) - 1
         # Gradients are reduced over data-parallel ranks once per step, after the last micro-batch.
         sync = contextlib.nullcontext() if last else no_grad_sync(ddp_model, dims)
-        with sync:
+        with sync, loss_context(dims):
             with _autocast(precision, device):
-                logits = ddp_model(x)  # [b, T, V]
-            summed = lm_loss_sum(logits, y, mask)
+                logits = ddp_model(x)  # [b, T, V] (with loss parallel: a DTensor, [b, T, V/tp] per rank)
+            summed = token_loss_sum(logits, y, mask)
             # DDP/FSDP average gradients over dp ranks: scale by dp size to get sum / global tokens.
             scaler.scale(summed * (dims.dp / global_tokens)).backward()
         loss_sum += float(summed.detach())
@@ -247,7 +248,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
             log(f"step {step}: loss is {loss_value}")
         last_step = step == t.max_steps
         if t.eval_interval > 0 and (step % t.eval_interval == 0 or last_step):
-            val_loss = evaluate(model, datasets.valid, t.eval_samples, micro, dp_rank, dims.dp, t.precision,
+            val_loss = evaluate(model, datasets.valid, t.eval_samples, micro, dp_rank, dims, t.precision,
                                 info.device, dp_group)
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
@@ -283,6 +284,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         tok = Tokenizer(job.job.tokenizer.path)
         prompt = tok.encode(t.sample_prompt) if t.sample_prompt else [tok.eod]
         out = sample(model, prompt, max_new_tokens=t.sample_tokens, temperature=0.8, top_k=40,
+                     forward=lambda tokens: full_logits(model(tokens)),
                      generator=torch.Generator(device=info.device).manual_seed(t.seed))
         summary["sample"] = t.sample_prompt + tok.decode([i for i in out if i != tok.eod])
         log("sample:\n" + summary["sample"])

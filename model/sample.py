@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from gptforge.model.gpt import GPT
@@ -17,9 +19,11 @@ def sample(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     stop_token: int | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[int]:
     """Continue ``prompt`` by up to ``max_new_tokens`` ids. Padding columns of the vocabulary
-    (ids >= config.vocab_size) are cut off before sampling, so they can never be produced."""
+    (ids >= config.vocab_size) are cut off before sampling, so they can never be produced. ``forward``
+    replaces ``model(tokens)`` (e.g. to gather logits a parallel layout leaves sharded)."""
     if not prompt:
         raise ValueError("sample: the prompt must hold at least one token")
     if temperature < 0:
@@ -32,7 +36,7 @@ def sample(
     try:
         for _ in range(max_new_tokens):
             window = ids[:, -cfg.context_length :]
-            logits = model(window)[0, -1, : cfg.vocab_size].float()  # [V] real vocabulary only
+            logits = (forward or model)(window)[0, -1, : cfg.vocab_size].float()  # [V] real vocabulary only
             if temperature == 0:
                 next_id = int(torch.argmax(logits))
             else:

@@ -33,7 +33,8 @@ def init_parameters(model: GPT, seed: int) -> None:
 def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed: int) -> nn.Module:
     """``model`` is on the meta device; returns the module to call for training (maybe a DDP wrapper)."""
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=dims.sequence_parallel)
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=dims.sequence_parallel,
+                              loss_parallel=dims.loss_parallel)
     model.to_empty(device=device)
     init_parameters(model, seed)
     if dims.zero_stage in (2, 3):

@@ -23,6 +23,8 @@ class ParallelDims:
     zero_stage: int = 0
     """0: DDP replicas; 2: FSDP2, parameters kept gathered between forward and backward (ZeRO-2 like);
     3: FSDP2, parameters resharded after forward (ZeRO-3 like)."""
+    loss_parallel: bool = True
+    """With tp > 1: cross-entropy on vocabulary-sharded logits, never gathering [B, T, V]."""
 
     @property
     def world_size(self) -> int:
@@ -30,7 +32,7 @@ class ParallelDims:
 
     @classmethod
     def resolve(cls, *, tp: int, dp: int, sequence_parallel: bool, zero_stage: int, world_size: int,
-                errors: list[str]) -> "ParallelDims | None":
+                errors: list[str], loss_parallel: bool = True) -> "ParallelDims | None":
         """``dp = -1`` is inferred as world_size / tp. Appends named errors and returns None when invalid."""
         start = len(errors)
         if tp < 1:
@@ -57,7 +59,8 @@ class ParallelDims:
                           "tensor-parallel parameters; DDP does not)")
         if len(errors) > start:
             return None
-        return cls(tp=tp, dp=dp, sequence_parallel=sequence_parallel, zero_stage=zero_stage)
+        return cls(tp=tp, dp=dp, sequence_parallel=sequence_parallel, zero_stage=zero_stage,
+                   loss_parallel=loss_parallel)
 
     def validate_model(self, model: GPTConfig, seq_len: int) -> list[str]:
         """Shape constraints of this layout on a model (each error names the keys involved)."""

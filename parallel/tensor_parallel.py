@@ -42,7 +42,8 @@ class ReplicateParallel(ParallelStyle):
         return distribute_module(module, device_mesh, input_fn=to_dtensor, output_fn=to_local)
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool,
+                          loss_parallel: bool) -> None:
     """Shard ``model`` (a ``gptforge.model.GPT``) in place over ``tp_mesh``."""
     sp = sequence_parallel
     act = Shard(1) if sp else Replicate()  # layout of activations between sub-blocks: [B, T(/tp), D]
@@ -50,7 +51,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     plan: dict[str, ParallelStyle] = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "pos_embeddings": ReplicateParallel(),
-        "lm_head": tied_head_style(act),
+        "lm_head": tied_head_style(act, loss_parallel),
     }
     if sp:  # the summed embeddings are full on every rank: keep this rank's sequence shard (no communication)
         plan["emb_dropout"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
@@ -73,10 +74,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     parallelize_module(model, tp_mesh, plan)
 
 
-def tied_head_style(act) -> ParallelStyle:
+def tied_head_style(act, loss_parallel: bool) -> ParallelStyle:
     """The tied head: gather the hidden states, multiply by the vocabulary-sharded embedding matrix
-    (output sharded over the vocabulary), then gather the logits to full [B, T, V] on every rank."""
+    (output [B, T, V/tp] per rank). With ``loss_parallel`` the logits stay a vocabulary-sharded DTensor
+    for the parallel cross-entropy; otherwise they are gathered to full [B, T, V] on every rank."""
     return PrepareModuleInputOutput(
         input_layouts=(act, None), desired_input_layouts=(Replicate(), None), use_local_input=False,
-        output_layouts=Shard(-1), desired_output_layouts=Replicate(), use_local_output=True,
+        output_layouts=Shard(-1), desired_output_layouts=Shard(-1) if loss_parallel else Replicate(),
+        use_local_output=not loss_parallel,
     )

@@ -10,6 +10,7 @@ from launch import losses, records, run_train
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
+    "tp2-gathered-logits": (2, ["parallel.tp=2", "parallel.loss_parallel=false"]),
     "tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "fsdp-zero2-dp2": (2, ["parallel.zero_stage=2"]),
     "fsdp-zero3-dp2": (2, ["parallel.zero_stage=3"]),
