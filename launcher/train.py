@@ -30,7 +30,7 @@ from gptforge.model.gpt import GPT
 from gptforge.model.sample import sample
 from gptforge.parallel.apply import no_grad_sync, parallelize
 from gptforge.parallel.dims import ParallelDims
-from gptforge.parallel.loss import full_logits, loss_context, token_loss_sum
+from gptforge.parallel.loss import inference_forward, loss_context, token_loss_sum
 from gptforge.parallel.distributed import all_reduce_sum, init_distributed
 
 
@@ -284,7 +284,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         tok = Tokenizer(job.job.tokenizer.path)
         prompt = tok.encode(t.sample_prompt) if t.sample_prompt else [tok.eod]
         out = sample(model, prompt, max_new_tokens=t.sample_tokens, temperature=0.8, top_k=40,
-                     forward=lambda tokens: full_logits(model(tokens)),
+                     forward=inference_forward(model, dims),
                      generator=torch.Generator(device=info.device).manual_seed(t.seed))
         summary["sample"] = t.sample_prompt + tok.decode([i for i in out if i != tok.eod])
         log("sample:\n" + summary["sample"])

@@ -33,3 +33,18 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
 def full_logits(logits: torch.Tensor) -> torch.Tensor:
     """Plain [B, T, V] logits on every rank (gathers a vocabulary-sharded DTensor)."""
     return logits.full_tensor() if isinstance(logits, DTensor) else logits
+
+
+def inference_forward(model: torch.nn.Module, dims: ParallelDims):
+    """``tokens [B, T] -> logits [B, T, V]`` on every rank, for any T: under sequence parallelism the
+    input is right-padded to a multiple of tp (causal attention: padding never changes earlier
+    positions) and the padding's logits are dropped."""
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        pad = (-seq) % dims.tp if dims.sequence_parallel else 0
+        if pad:
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)
+        return full_logits(model(tokens))[:, :seq]
+
+    return forward
