@@ -118,6 +118,10 @@ class ParallelConfig:
     """0: DDP replicas; 2: FSDP2 without resharding after forward (ZeRO-2 like); 3: FSDP2 (ZeRO-3 like)."""
     loss_parallel: bool = True
     """With tp > 1, compute the cross-entropy on vocabulary-sharded logits (never gathering [B, T, V])."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation checkpointing: ``full`` recomputes every block in backward, ``selective`` every
+    ``recompute_every``-th block (memory for compute)."""
+    recompute_every: int = 2
 
 
 @dataclass(kw_only=True)

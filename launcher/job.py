@@ -119,9 +119,13 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
     par = job.parallel
     dims = ParallelDims.resolve(tp=par.tp, dp=par.dp, sequence_parallel=par.sequence_parallel,
                                 zero_stage=par.zero_stage, world_size=world_size, errors=errors,
-                                loss_parallel=par.loss_parallel)
+                                loss_parallel=par.loss_parallel, recompute=par.recompute,
+                                recompute_every=par.recompute_every)
     if dims is not None and model is not None and seq_len:
         errors.extend(dims.validate_model(model, seq_len))
+    if dims is not None and dims.zero_stage in (2, 3) and t.precision == "fp16":
+        errors.append("train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported: its dynamic "
+                      "loss scaling does not cover sharded gradients; use bf16")
 
     preset = PRESETS.get(raw.get("model", {}).get("preset") if isinstance(raw.get("model"), dict) else None)
     peak_lr = o.lr if o.lr is not None else (preset.lr if preset is not None else None)

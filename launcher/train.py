@@ -153,7 +153,9 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     # Build on the meta device, lay out, materialise, initialise (parallel/apply.py).
     with torch.device("meta"):
         model = GPT(job.model)
-    ddp_model = parallelize(model, dims, mesh, info.device, t.seed)
+    ddp_model = parallelize(model, dims, mesh, info.device, t.seed, t.precision)
+    # FSDP runs 16-bit compute through its mixed-precision policy; everything else autocasts.
+    autocast_precision = "fp32" if dims.zero_stage in (2, 3) else t.precision
     n_params = count_parameters(job.model)
     fpt = flops_per_token(job.model, job.seq_len, n_params["total"] - n_params["position_embedding"])
     device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
@@ -228,7 +230,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         consumed += batch
         lr = job.schedule.lr(tokens_seen)
         loss_sum, grad_norm = _train_step(ddp_model, model, optimizer, scaler, micro_batches, global_tokens, lr,
-                                          precision=t.precision, grad_clip=cfg.optim.grad_clip, dims=dims,
+                                          precision=autocast_precision, grad_clip=cfg.optim.grad_clip, dims=dims,
                                           device=info.device)
         step += 1
         (loss_total,) = all_reduce_sum([loss_sum], info.device, dp_group)
@@ -248,7 +250,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
             log(f"step {step}: loss is {loss_value}")
         last_step = step == t.max_steps
         if t.eval_interval > 0 and (step % t.eval_interval == 0 or last_step):
-            val_loss = evaluate(model, datasets.valid, t.eval_samples, micro, dp_rank, dims, t.precision,
+            val_loss = evaluate(model, datasets.valid, t.eval_samples, micro, dp_rank, dims, autocast_precision,
                                 info.device, dp_group)
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))

@@ -30,20 +30,47 @@ def init_parameters(model: GPT, seed: int) -> None:
             init_tensor_(param, rule, seed, name)
 
 
-def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed: int) -> nn.Module:
-    """``model`` is on the meta device; returns the module to call for training (maybe a DDP wrapper)."""
+def apply_recompute(model: GPT, dims: ParallelDims) -> None:
+    """Wrap blocks in activation checkpointing (after init: the wrapper changes parameter names,
+    which checkpoints strip again, so saved files are the same with or without it)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, name in enumerate(list(model.blocks)):
+        if dims.recompute == "full" or (dims.recompute == "selective" and i % dims.recompute_every == 0):
+            model.blocks[name] = checkpoint_wrapper(model.blocks[name], preserve_rng_state=True)
+
+
+def mixed_precision_policy(precision: str):
+    """FSDP2 mixed precision: 16-bit parameters and compute, fp32 sharded master weights, fp32
+    gradient reduction (so the average over data-parallel ranks loses nothing)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed: int,
+                precision: str = "fp32") -> nn.Module:
+    """``model`` is on the meta device; returns the module to call for training (maybe a DDP wrapper).
+    Under FSDP the ``precision`` becomes its mixed-precision policy; otherwise the training loop
+    autocasts over fp32 weights."""
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=dims.sequence_parallel,
                               loss_parallel=dims.loss_parallel)
     model.to_empty(device=device)
     init_parameters(model, seed)
+    if dims.recompute != "none":
+        apply_recompute(model, dims)
     if dims.zero_stage in (2, 3):
         from torch.distributed.fsdp import fully_shard
 
         reshard = dims.zero_stage == 3  # ZeRO-3: free gathered parameters after forward; ZeRO-2: keep them
+        policy = mixed_precision_policy(precision)
         for block in model.blocks.values():
-            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard)
+            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=policy)
         return model
     if dims.dp > 1:
         from torch.nn.parallel import DistributedDataParallel

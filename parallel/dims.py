@@ -25,6 +25,10 @@ class ParallelDims:
     3: FSDP2, parameters resharded after forward (ZeRO-3 like)."""
     loss_parallel: bool = True
     """With tp > 1: cross-entropy on vocabulary-sharded logits, never gathering [B, T, V]."""
+    recompute: str = "none"
+    """Activation checkpointing: ``none``, ``full`` (every block) or ``selective`` (every
+    ``recompute_every``-th block): recomputed in backward instead of stored."""
+    recompute_every: int = 2
 
     @property
     def world_size(self) -> int:
@@ -32,7 +36,8 @@ class ParallelDims:
 
     @classmethod
     def resolve(cls, *, tp: int, dp: int, sequence_parallel: bool, zero_stage: int, world_size: int,
-                errors: list[str], loss_parallel: bool = True) -> "ParallelDims | None":
+                errors: list[str], loss_parallel: bool = True, recompute: str = "none",
+                recompute_every: int = 2) -> "ParallelDims | None":
         """``dp = -1`` is inferred as world_size / tp. Appends named errors and returns None when invalid."""
         start = len(errors)
         if tp < 1:
@@ -41,6 +46,10 @@ class ParallelDims:
             errors.append(f"parallel.dp must be >= 1 or -1 (inferred), got {dp}")
         if zero_stage not in (0, *FSDP_STAGES):
             errors.append(f"parallel.zero_stage must be 0 (DDP), 2 or 3 (FSDP2), got {zero_stage}")
+        if recompute not in ("none", "full", "selective"):
+            errors.append(f"parallel.recompute must be 'none', 'full' or 'selective', got {recompute!r}")
+        if recompute_every < 1:
+            errors.append(f"parallel.recompute_every must be >= 1, got {recompute_every}")
         if len(errors) > start:
             return None
         if dp == -1:
@@ -60,7 +69,7 @@ class ParallelDims:
         if len(errors) > start:
             return None
         return cls(tp=tp, dp=dp, sequence_parallel=sequence_parallel, zero_stage=zero_stage,
-                   loss_parallel=loss_parallel)
+                   loss_parallel=loss_parallel, recompute=recompute, recompute_every=recompute_every)
 
     def validate_model(self, model: GPTConfig, seq_len: int) -> list[str]:
         """Shape constraints of this layout on a model (each error names the keys involved)."""

@@ -15,6 +15,8 @@ LAYOUTS = {
     "fsdp-zero2-dp2": (2, ["parallel.zero_stage=2"]),
     "fsdp-zero3-dp2": (2, ["parallel.zero_stage=3"]),
     "tp2-dp2-fsdp": (4, ["parallel.tp=2", "parallel.zero_stage=3", "parallel.sequence_parallel=true"]),
+    "dp2-fsdp-recompute-full": (2, ["parallel.zero_stage=3", "parallel.recompute=full"]),
+    "tp2-recompute-selective": (2, ["parallel.tp=2", "parallel.recompute=selective"]),
 }
 COMMON = dict(train={"max_steps": 4, "eval_interval": 2, "global_batch_size": 4, "micro_batch_size": 1,
                      "seq_len": 32, "eval_samples": 6, "sample_tokens": 6},
@@ -95,3 +97,23 @@ def test_layout_errors_are_named_before_any_process_group(write_config):
         resolve_job(write_config(), ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=33"],
                     world_size=2)
     assert "train.seq_len (33) must be divisible by parallel.tp (2)" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        resolve_job(write_config(), ["parallel.zero_stage=3", "train.precision=fp16"], world_size=2)
+    assert "train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        resolve_job(write_config(), ["parallel.recompute=some"], world_size=1)
+    assert "parallel.recompute: expected one of 'none', 'full', 'selective', got 'some'" in str(info.value)
+
+
+def test_bf16_fsdp_mixed_precision_tracks_one_process(tmp_path, write_config):
+    """bf16: FSDP2's policy (bf16 params/compute, fp32 master and reduction) vs one process autocasting
+    over fp32 weights. Not bitwise (different casts), so a loose bound; both must learn alike."""
+    ref, fsdp = tmp_path / "ref", tmp_path / "fsdp"
+    common = dict(train=COMMON["train"] | {"precision": "bf16", "max_steps": 6, "eval_interval": 0,
+                                            "sample_tokens": 0}, model=COMMON["model"])
+    assert run_train(write_config("r.yaml", run_dir=ref, **common)).returncode == 0
+    proc = run_train(write_config("f.yaml", run_dir=fsdp, **common), "parallel.zero_stage=2", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want, got = losses(ref), losses(fsdp)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=2e-2)
