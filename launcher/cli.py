@@ -46,10 +46,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from gptforge.launcher.plan import plan_rows, render_table
+    from gptforge.launcher.plan import (DEFAULT_GPU_MEMORY_GIB, LayoutFlags, plan_rows, propose_rows,
+                                        render_layout_table, render_proposals, render_table)
 
-    rows = plan_rows(args.preset, micro_batch=args.micro_batch, seq_len=args.seq, precision=args.precision)
-    print(json.dumps(rows, indent=2) if args.json else render_table(rows))
+    gpu_memory = args.gpu_memory if args.gpu_memory is not None else DEFAULT_GPU_MEMORY_GIB
+    common = dict(micro_batch=args.micro_batch, seq_len=args.seq, precision=args.precision)
+    if args.propose:
+        # The search chooses tp, pp and dp; --zero and --recompute narrow it to the given value.
+        for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp)):
+            if value is not None:
+                raise ValueError(f"{flag} cannot be combined with --propose (the search chooses it)")
+        flags = LayoutFlags(recompute_every=args.recompute_every, optimizer_offload=args.optimizer_offload,
+                            sequence_parallel=not args.no_sequence_parallel, gpu_memory_gib=gpu_memory)
+        rows = propose_rows(args.preset, n_gpus=args.gpus, gpus_per_node=args.gpus_per_node, flags=flags,
+                            zero_stages=None if args.zero is None else [args.zero],
+                            recompute=None if args.recompute is None else [args.recompute],
+                            global_batch=args.global_batch, top=args.top, **common)
+        print(json.dumps(rows, indent=2) if args.json else render_proposals(rows))
+        return 0
+    for flag, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch)):
+        if value is not None:
+            raise ValueError(f"{flag} only applies with --propose (give --tp/--pp/--dp for one layout)")
+    flags = LayoutFlags(tp=1 if args.tp is None else args.tp, pp=1 if args.pp is None else args.pp,
+                        dp=1 if args.dp is None else args.dp, zero_stage=args.zero or 0,
+                        recompute=args.recompute or "none", recompute_every=args.recompute_every,
+                        optimizer_offload=args.optimizer_offload,
+                        sequence_parallel=not args.no_sequence_parallel, gpu_memory_gib=gpu_memory)
+    rows = plan_rows(args.preset, flags=flags, **common)
+    print(json.dumps(rows, indent=2) if args.json else render_table(rows) + "\n\n" + render_layout_table(rows))
     return 0
 
 
@@ -92,13 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("plan", help="parameters and single-replica memory of presets (meta device, no allocation)")
+    p = sub.add_parser("plan", help="parameters and memory of presets: one replica, per GPU under a layout, or "
+                                    "the layouts of N GPUs that fit (nothing allocated)",
+                       description="Per-GPU rules: parallel/planner.py; guide: docs/parallelism.md.")
     p.add_argument("--preset", action="append", required=True,
                    help="a preset name, 'gpt3' for the eight GPT-3 sizes or 'all'; repeatable")
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (default 1)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel degree (default 1)")
+    p.add_argument("--zero", type=int, default=None,
+                   help="ZeRO stage 0-3 (default 0); with --propose, only this stage")
+    p.add_argument("--recompute", default=None,
+                   help="none, selective (every --recompute-every-th block) or full (default none); "
+                        "with --propose, only this mode")
+    p.add_argument("--recompute-every", type=int, default=2, help="with --recompute selective (default 2)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="memory per GPU in GiB for 'fits' (default 80)")
+    p.add_argument("--optimizer-offload", action="store_true", help="optimizer state and master weights on the host")
+    p.add_argument("--no-sequence-parallel", action="store_true", help="tp without sequence parallelism")
+    p.add_argument("--propose", action="store_true", help="list the layouts of --gpus GPUs that fit, best first")
+    p.add_argument("--gpus", type=int, default=None, help="with --propose: number of GPUs")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="with --propose: the largest tp (default 8)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="with --propose: sequences per step, caps dp x micro batch (default: the preset's "
+                        "Table 2.1 batch, if any)")
+    p.add_argument("--top", type=int, default=10, help="with --propose: layouts shown per preset (default 10)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("files-to-jsonl", help="collect text files under a folder into one JSONL of documents")

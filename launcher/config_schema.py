@@ -111,7 +111,12 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree: heads, FFN and vocabulary split over this many ranks."""
     dp: int = -1
-    """Data-parallel degree; -1 infers world_size / tp."""
+    """Data-parallel degree; -1 infers world_size / (tp x pp)."""
+    pp: int = 1
+    """Pipeline-parallel degree: layers split into pp x virtual_stages stages, balanced."""
+    virtual_stages: int = 1
+    """Stages per pipeline rank; > 1 with the interleaved 1F1B schedule."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = "1f1b"
     sequence_parallel: bool = False
     """Also shard LayerNorm/dropout activations along the sequence over the tensor-parallel ranks."""
     zero_stage: int = 0

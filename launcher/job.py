@@ -120,9 +120,23 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
     dims = ParallelDims.resolve(tp=par.tp, dp=par.dp, sequence_parallel=par.sequence_parallel,
                                 zero_stage=par.zero_stage, world_size=world_size, errors=errors,
                                 loss_parallel=par.loss_parallel, recompute=par.recompute,
-                                recompute_every=par.recompute_every)
+                                recompute_every=par.recompute_every, pp=par.pp,
+                                virtual_stages=par.virtual_stages, pp_schedule=par.pp_schedule)
     if dims is not None and model is not None and seq_len:
         errors.extend(dims.validate_model(model, seq_len))
+    if dims is not None and dims.pp > 1:
+        if t.compile:
+            errors.append("train.compile with parallel.pp > 1 is not supported (stages run eagerly)")
+        if t.sample_tokens > 0:
+            errors.append("train.sample_tokens > 0 with parallel.pp > 1 is not supported: set it to 0")
+        if t.precision == "fp16":
+            errors.append("train.precision fp16 with parallel.pp > 1 is not supported; use bf16 or fp32")
+        if t.micro_batch_size and t.global_batch_size % (t.micro_batch_size * dims.dp) == 0:
+            n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
+            if dims.pp_schedule != "gpipe" and n_micro < dims.pp:
+                errors.append(f"parallel.pp_schedule {dims.pp_schedule!r} needs at least parallel.pp ({dims.pp}) "
+                              f"micro-batches per step, got {n_micro} (train.global_batch_size / "
+                              f"(train.micro_batch_size x dp)); use more micro-batches or 'gpipe'")
     if dims is not None and dims.zero_stage in (2, 3) and t.precision == "fp16":
         errors.append("train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported: its dynamic "
                       "loss scaling does not cover sharded gradients; use bf16")

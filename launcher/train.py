@@ -1,4 +1,4 @@
-"""The pretraining loop: GPT-3's recipe on one process or data-parallel ranks.
+"""The pretraining loop: GPT-3's recipe on one process or any parallel layout (steps in steps.py).
 
 Order of a step: pick the batch size (GPT-3 ramp), read the step's micro-batches at the global data
 position, forward/backward each (gradients accumulate; loss is a sum divided by the global tokens),
@@ -9,7 +9,6 @@ resumed run reproduces the uninterrupted one exactly.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -28,9 +27,9 @@ from gptforge.launcher.tracking import Tracker, default_tracking_uri
 from gptforge.model.flops import count_parameters, flops_per_token, peak_flops
 from gptforge.model.gpt import GPT
 from gptforge.model.sample import sample
-from gptforge.parallel.apply import no_grad_sync, parallelize
-from gptforge.parallel.dims import ParallelDims
-from gptforge.parallel.loss import inference_forward, loss_context, token_loss_sum
+from gptforge.launcher.steps import StepContext, evaluate, micro_batches, train_step
+from gptforge.parallel.apply import parallelize
+from gptforge.parallel.loss import inference_forward
 from gptforge.parallel.distributed import all_reduce_sum, init_distributed
 
 
@@ -66,80 +65,6 @@ class StopFlag:
         self.requested = True
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _micro_batches(dataset, start: int, batch: int, micro: int, dp_rank: int, dp_size: int):
-    """This data-parallel rank's micro-batches of the global batch of samples [start, start + batch)."""
-    per_rank = batch // dp_size
-    first = start + dp_rank * per_rank
-    for m in range(per_rank // micro):
-        items = [dataset[first + m * micro + j] for j in range(micro)]
-        yield {k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask")}
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, n_samples: int, micro: int, dp_rank: int, dims: ParallelDims,
-             precision: str, device: torch.device, dp_group) -> float:
-    """Mean token loss over the first ``n_samples`` validation sequences, split over data-parallel ranks.
-
-    Every rank runs the same number of forwards (sharded parameters are gathered collectively):
-    a rank with fewer sequences repeats one with zero weight."""
-    model.eval()
-    n = min(n_samples, len(dataset))
-    per_rank = -(-n // dims.dp)
-    ids = [(i, 1.0) for i in range(dp_rank, n, dims.dp)]
-    ids += [(0, 0.0)] * (per_rank - len(ids))
-    total = tokens = 0.0
-    for start in range(0, per_rank, micro):
-        chunk = ids[start : start + micro]
-        items = [dataset[i] for i, _ in chunk]
-        x = torch.stack([it["tokens"] for it in items]).to(device)  # [b, T]
-        y = torch.stack([it["labels"] for it in items]).to(device)
-        weight = torch.tensor([w for _, w in chunk], device=device)[:, None]  # [b, 1]
-        mask = torch.stack([it["loss_mask"] for it in items]).to(device) * weight
-        with _autocast(precision, device), loss_context(dims):
-            logits = model(x)
-            total += float(token_loss_sum(logits, y, mask))
-        tokens += float(mask.sum())
-    model.train()
-    total, tokens = all_reduce_sum([total, tokens], device, dp_group)
-    return total / max(tokens, 1.0)
-
-
-def _train_step(ddp_model, model, optimizer, scaler, micro_batches: list[dict], global_tokens: float, lr: float, *,
-                precision: str, grad_clip: float, dims: ParallelDims, device: torch.device) -> tuple[float, float]:
-    """Accumulate gradients over this rank's micro-batches, clip, step. Returns (local loss sum, grad norm)."""
-    loss_sum = 0.0
-    for i, mb in enumerate(micro_batches):
-        x, y, mask = (mb[k].to(device) for k in ("tokens", "labels", "loss_mask"))  # each [b, T]
-        last = i == len(micro_batches) - 1
-        # Gradients are reduced over data-parallel ranks once per step, after the last micro-batch.
-        sync = contextlib.nullcontext() if last else no_grad_sync(ddp_model, dims)
-        with sync, loss_context(dims):
-            with _autocast(precision, device):
-                logits = ddp_model(x)  # [b, T, V] (with loss parallel: a DTensor, [b, T, V/tp] per rank)
-            summed = token_loss_sum(logits, y, mask)
-            # DDP/FSDP average gradients over dp ranks: scale by dp size to get sum / global tokens.
-            scaler.scale(summed * (dims.dp / global_tokens)).backward()
-        loss_sum += float(summed.detach())
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.unscale_(optimizer)
-    if grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    else:
-        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
-
-
 def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     """Run the job to ``train.max_steps`` (resuming per ``checkpoint.resume``); returns a summary."""
     t, cfg = job.job.train, job.job
@@ -153,7 +78,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     # Build on the meta device, lay out, materialise, initialise (parallel/apply.py).
     with torch.device("meta"):
         model = GPT(job.model)
-    ddp_model = parallelize(model, dims, mesh, info.device, t.seed, t.precision)
+    ddp_model, pipeline = parallelize(model, dims, mesh, info.device, t.seed, t.precision)
     # FSDP runs 16-bit compute through its mixed-precision policy; everything else autocasts.
     autocast_precision = "fp32" if dims.zero_stage in (2, 3) else t.precision
     n_params = count_parameters(job.model)
@@ -205,8 +130,11 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         log(f"MLflow run {mlflow_run_id} at {uri}")
     log(f"model {job.raw['model']['preset']}: {n_params['total']:,} parameters; {fpt / 1e6:.2f} MFLOPs/token; "
         f"{info.world_size} rank(s) on {info.device}{' (' + device_name + ')' if device_name else ''}; "
-        f"tp {dims.tp} x dp {dims.dp}{' (sequence parallel)' if dims.sequence_parallel else ''}, "
-        f"zero stage {dims.zero_stage}")
+        f"pp {dims.pp} x dp {dims.dp} x tp {dims.tp}{' (sequence parallel)' if dims.sequence_parallel else ''}, "
+        f"zero stage {dims.zero_stage}" + (f", {dims.pp_schedule} schedule" if dims.pp > 1 else ""))
+    ctx = StepContext(module=ddp_model, model=model, optimizer=optimizer, scaler=scaler, dims=dims,
+                      device=info.device, autocast_precision=autocast_precision, grad_clip=cfg.optim.grad_clip,
+                      dp_group=dp_group, pipeline=pipeline)
 
     def trainer_state() -> dict:
         return {"tokens_seen": tokens_seen, "consumed_samples": consumed, "mlflow_run_id": mlflow_run_id,
@@ -223,15 +151,13 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     while step < t.max_steps:
         t0 = time.perf_counter()
         batch = job.schedule.batch_size(tokens_seen)
-        micro_batches = list(_micro_batches(datasets.train, consumed, batch, micro, dp_rank, dims.dp))
-        local_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
+        batches = micro_batches(datasets.train, consumed, batch, micro, dp_rank, dims.dp)
+        local_tokens = sum(float(mb["loss_mask"].sum()) for mb in batches)
         (global_tokens,) = all_reduce_sum([local_tokens], info.device, dp_group)
         tokens_seen += batch * job.seq_len
         consumed += batch
         lr = job.schedule.lr(tokens_seen)
-        loss_sum, grad_norm = _train_step(ddp_model, model, optimizer, scaler, micro_batches, global_tokens, lr,
-                                          precision=autocast_precision, grad_clip=cfg.optim.grad_clip, dims=dims,
-                                          device=info.device)
+        loss_sum, grad_norm = train_step(ctx, batches, global_tokens, lr)
         step += 1
         (loss_total,) = all_reduce_sum([loss_sum], info.device, dp_group)
         loss_value = loss_total / global_tokens
@@ -250,8 +176,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
             log(f"step {step}: loss is {loss_value}")
         last_step = step == t.max_steps
         if t.eval_interval > 0 and (step % t.eval_interval == 0 or last_step):
-            val_loss = evaluate(model, datasets.valid, t.eval_samples, micro, dp_rank, dims, autocast_precision,
-                                info.device, dp_group)
+            val_loss = evaluate(ctx, datasets.valid, t.eval_samples, micro, dp_rank)
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
         if metrics_log is not None:

@@ -137,14 +137,18 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             init_tensor_(param, self.init_rule(name), seed, name)
 
-    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] -> final hidden states [B, T, D] (after the final LayerNorm if any)."""
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> token + position embeddings, after dropout [B, T, D]."""
         seq = tokens.shape[1]
         if seq > self.config.context_length:
             raise ValueError(f"sequence length {seq} exceeds model.context_length {self.config.context_length}")
         if position_ids is None:
             position_ids = torch.arange(seq, device=tokens.device)  # [T], broadcast over the batch
-        x = self.emb_dropout(self.tok_embeddings(tokens) + self.pos_embeddings(position_ids))  # [B, T, D]
+        return self.emb_dropout(self.tok_embeddings(tokens) + self.pos_embeddings(position_ids))
+
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> final hidden states [B, T, D] (after the final LayerNorm if any)."""
+        x = self.embed(tokens, position_ids)  # [B, T, D]
         for block in self.blocks.values():
             x = block(x)
         return self.norm(x) if self.norm is not None else x

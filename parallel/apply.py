@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gptforge.model.gpt import GPT, init_tensor_
 from gptforge.parallel.dims import ParallelDims
+from gptforge.parallel.pipeline import PipelineRanks, PipelineRunner, prune_to_rank
 from gptforge.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -52,10 +53,15 @@ def mixed_precision_policy(precision: str):
 
 
 def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed: int,
-                precision: str = "fp32") -> nn.Module:
-    """``model`` is on the meta device; returns the module to call for training (maybe a DDP wrapper).
-    Under FSDP the ``precision`` becomes its mixed-precision policy; otherwise the training loop
-    autocasts over fp32 weights."""
+                precision: str = "fp32") -> tuple[nn.Module, PipelineRunner | None]:
+    """``model`` is on the meta device and is changed in place (pruned to this rank's pipeline stages,
+    sharded). Returns the module to call for a forward (the model or a DDP wrapper) and, with pp > 1,
+    the pipeline runner. Under FSDP ``precision`` becomes its mixed-precision policy; otherwise the
+    training loop autocasts over fp32 weights."""
+    pipeline_ranks = None
+    if dims.pp > 1:
+        pipeline_ranks = PipelineRanks.from_mesh(mesh, dims)
+        prune_to_rank(model, dims, pipeline_ranks.pp_rank)
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=dims.sequence_parallel,
                               loss_parallel=dims.loss_parallel)
@@ -63,6 +69,8 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
     init_parameters(model, seed)
     if dims.recompute != "none":
         apply_recompute(model, dims)
+    if pipeline_ranks is not None:  # data parallelism: the runner averages gradients after each schedule
+        return model, PipelineRunner(model, dims, pipeline_ranks, device, dims.pp_schedule)
     if dims.zero_stage in (2, 3):
         from torch.distributed.fsdp import fully_shard
 
@@ -71,13 +79,13 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
         for block in model.blocks.values():
             fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=policy)
-        return model
+        return model, None
     if dims.dp > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh["dp"].get_group())
-    return model
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh["dp"].get_group()), None
+    return model, None
 
 
 def no_grad_sync(module: nn.Module, dims: ParallelDims):

@@ -18,6 +18,12 @@ class ParallelDims:
     """Tensor-parallel degree (Megatron-style column/row splits, applied with DTensor)."""
     dp: int
     """Data-parallel degree (replicas, or shards under ZeRO-2/3)."""
+    pp: int = 1
+    """Pipeline-parallel degree: the layers split into pp x virtual_stages stages."""
+    virtual_stages: int = 1
+    """Stages per pipeline rank (> 1 for the interleaved 1F1B schedule)."""
+    pp_schedule: str = "1f1b"
+    """``gpipe``, ``1f1b`` or ``interleaved-1f1b``."""
     sequence_parallel: bool = False
     """Shard LayerNorm/dropout regions along the sequence over the tensor-parallel ranks."""
     zero_stage: int = 0
@@ -32,16 +38,23 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.dp
+        return self.pp * self.tp * self.dp
 
     @classmethod
     def resolve(cls, *, tp: int, dp: int, sequence_parallel: bool, zero_stage: int, world_size: int,
                 errors: list[str], loss_parallel: bool = True, recompute: str = "none",
-                recompute_every: int = 2) -> "ParallelDims | None":
-        """``dp = -1`` is inferred as world_size / tp. Appends named errors and returns None when invalid."""
+                recompute_every: int = 2, pp: int = 1, virtual_stages: int = 1,
+                pp_schedule: str = "1f1b") -> "ParallelDims | None":
+        """``dp = -1`` is inferred as world_size / (tp x pp). Appends named errors and returns None when invalid."""
         start = len(errors)
         if tp < 1:
             errors.append(f"parallel.tp must be >= 1, got {tp}")
+        if pp < 1:
+            errors.append(f"parallel.pp must be >= 1, got {pp}")
+        if virtual_stages < 1:
+            errors.append(f"parallel.virtual_stages must be >= 1, got {virtual_stages}")
+        if pp_schedule not in ("gpipe", "1f1b", "interleaved-1f1b"):
+            errors.append(f"parallel.pp_schedule must be 'gpipe', '1f1b' or 'interleaved-1f1b', got {pp_schedule!r}")
         if dp == 0 or dp < -1:
             errors.append(f"parallel.dp must be >= 1 or -1 (inferred), got {dp}")
         if zero_stage not in (0, *FSDP_STAGES):
@@ -53,23 +66,33 @@ class ParallelDims:
         if len(errors) > start:
             return None
         if dp == -1:
-            if world_size % tp:
-                errors.append(f"world size {world_size} is not divisible by parallel.tp ({tp})")
+            if world_size % (tp * pp):
+                errors.append(f"world size {world_size} is not divisible by parallel.tp x parallel.pp ({tp * pp})")
                 return None
-            dp = world_size // tp
-        if tp * dp != world_size:
-            errors.append(f"parallel.tp ({tp}) x parallel.dp ({dp}) = {tp * dp} does not match the world size "
-                          f"({world_size} processes); set parallel.dp=-1 to infer it")
+            dp = world_size // (tp * pp)
+        if pp * tp * dp != world_size:
+            errors.append(f"parallel.pp ({pp}) x parallel.tp ({tp}) x parallel.dp ({dp}) = {pp * tp * dp} does not "
+                          f"match the world size ({world_size} processes); set parallel.dp=-1 to infer it")
             return None
+        if pp > 1 and zero_stage in FSDP_STAGES:
+            errors.append("parallel.pp > 1 with parallel.zero_stage 2/3 (FSDP2) is not supported yet: pipelines "
+                          "average gradients over data-parallel replicas (zero_stage 0)")
+        if pp_schedule == "interleaved-1f1b" and virtual_stages < 2:
+            errors.append("parallel.pp_schedule 'interleaved-1f1b' needs parallel.virtual_stages >= 2")
+        if pp_schedule != "interleaved-1f1b" and virtual_stages > 1:
+            errors.append(f"parallel.virtual_stages > 1 needs parallel.pp_schedule 'interleaved-1f1b', got {pp_schedule!r}")
+        if virtual_stages > 1 and pp == 1:
+            errors.append("parallel.virtual_stages > 1 needs parallel.pp > 1")
         if sequence_parallel and tp == 1:
             errors.append("parallel.sequence_parallel needs parallel.tp > 1")
-        if tp > 1 and dp > 1 and zero_stage == 0:
+        if tp > 1 and dp > 1 and zero_stage == 0 and pp == 1:
             errors.append("parallel.tp > 1 with parallel.dp > 1 needs parallel.zero_stage 2 or 3 (FSDP2 takes "
                           "tensor-parallel parameters; DDP does not)")
         if len(errors) > start:
             return None
-        return cls(tp=tp, dp=dp, sequence_parallel=sequence_parallel, zero_stage=zero_stage,
-                   loss_parallel=loss_parallel, recompute=recompute, recompute_every=recompute_every)
+        return cls(tp=tp, dp=dp, pp=pp, virtual_stages=virtual_stages, pp_schedule=pp_schedule,
+                   sequence_parallel=sequence_parallel, zero_stage=zero_stage, loss_parallel=loss_parallel,
+                   recompute=recompute, recompute_every=recompute_every)
 
     def validate_model(self, model: GPTConfig, seq_len: int) -> list[str]:
         """Shape constraints of this layout on a model (each error names the keys involved)."""
@@ -81,13 +104,17 @@ class ParallelDims:
         if model.padded_vocab_size % self.tp:
             errors.append(f"padded vocabulary ({model.padded_vocab_size}) must be divisible by parallel.tp "
                           f"({self.tp}); change model.pad_vocab_multiple")
+        stages = self.pp * self.virtual_stages
+        if model.n_layer < stages:
+            errors.append(f"model.n_layer ({model.n_layer}) must be >= parallel.pp x parallel.virtual_stages ({stages})")
         if self.sequence_parallel and seq_len % self.tp:
             errors.append(f"train.seq_len ({seq_len}) must be divisible by parallel.tp ({self.tp}) "
                           f"with parallel.sequence_parallel")
         return errors
 
     def build_mesh(self, device_type: str):
-        """A 2-D DeviceMesh ("dp", "tp") over the default process group."""
+        """A 3-D DeviceMesh ("pp", "dp", "tp") over the default process group: tp innermost (fastest
+        links, same node), pp outermost."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))

@@ -48,12 +48,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     sp = sequence_parallel
     act = Shard(1) if sp else Replicate()  # layout of activations between sub-blocks: [B, T(/tp), D]
     norm_style = SequenceParallel() if sp else ReplicateParallel()
-    plan: dict[str, ParallelStyle] = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "pos_embeddings": ReplicateParallel(),
-        "lm_head": tied_head_style(act, loss_parallel),
-    }
-    if sp:  # the summed embeddings are full on every rank: keep this rank's sequence shard (no communication)
+    # A pipeline stage holds only some of these modules (parallel/pipeline.py prunes the rest to None).
+    plan: dict[str, ParallelStyle] = {"lm_head": tied_head_style(act, loss_parallel)}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if model.pos_embeddings is not None:
+        plan["pos_embeddings"] = ReplicateParallel()
+    if sp and model.emb_dropout is not None:
+        # the summed embeddings are full on every rank: keep this rank's sequence shard (no communication)
         plan["emb_dropout"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
     if getattr(model, "norm", None) is not None:
         plan["norm"] = norm_style

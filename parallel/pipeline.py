@@ -1,0 +1,236 @@
+"""Pipeline parallelism with ``torch.distributed.pipelining``: GPipe, 1F1B and interleaved 1F1B.
+
+Each rank builds one *rank model*: the GPT pruned to the blocks of its stages (original names, so
+checkpoints reshard to and from any layout), the embeddings on the first stage, the final LayerNorm on
+the last. The last stage also keeps the token-embedding matrix for the tied output projection (as
+Megatron does): both copies start equal (initialised by name) and their gradients are summed between
+first and last stage every step, so they stay equal. Stage ``s`` of ``pp * virtual`` lives on rank
+``s % pp`` (the interleaved layout); a rank's stages are views over its rank model.
+
+Data parallelism under a pipeline averages gradients over the "dp" ranks after the schedule (no
+overlap yet); FSDP sharding with a pipeline is not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from gptforge.model.gpt import GPT
+from gptforge.parallel.dims import ParallelDims
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+
+
+def stage_layers(n_layer: int, n_stages: int) -> list[list[int]]:
+    """Contiguous, balanced layer ranges per stage (earlier stages take the remainder)."""
+    base, extra = divmod(n_layer, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def local_stages(dims: ParallelDims, pp_rank: int) -> list[int]:
+    return [pp_rank + v * dims.pp for v in range(dims.virtual_stages)]
+
+
+def prune_to_rank(model: GPT, dims: ParallelDims, pp_rank: int) -> None:
+    """Drop (on the meta device) everything this pipeline rank does not hold."""
+    n_stages = dims.pp * dims.virtual_stages
+    layers = stage_layers(model.config.n_layer, n_stages)
+    mine = local_stages(dims, pp_rank)
+    keep = {str(i) for s in mine for i in layers[s]}
+    for name in list(model.blocks):
+        if name not in keep:
+            del model.blocks[name]
+    first, last = 0 in mine, n_stages - 1 in mine
+    if not first:
+        model.pos_embeddings = None
+        model.emb_dropout = None
+        if not last:
+            model.tok_embeddings = None
+    if not last:
+        model.norm = None
+
+
+class StageView(nn.Module):
+    """One pipeline stage: a slice of the rank model's blocks (holds no parameters of its own)."""
+
+    def __init__(self, rank_model: GPT, layers: list[int], first: bool, last: bool) -> None:
+        super().__init__()
+        self._rank_model = [rank_model]  # a list: not registered as a child, parameters stay with the rank model
+        self.layers, self.first, self.last = [str(i) for i in layers], first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._rank_model[0]
+        h = model.embed(x) if self.first else x  # first stage: tokens [b, T]; others: hidden [b, T(/tp), D]
+        for name in self.layers:
+            h = model.blocks[name](h)
+        if not self.last:
+            return h
+        if model.norm is not None:
+            h = model.norm(h)
+        return model.lm_head(h, model.tok_embeddings.weight)  # [b, T, V] (vocabulary-sharded under loss parallel)
+
+
+@dataclass(kw_only=True)
+class PipelineRanks:
+    """This rank's place in the pipeline and the groups it talks in."""
+
+    pp_rank: int
+    pp_group: object
+    embedding_group: object | None
+    """First and last stage ranks with this rank's (dp, tp) coordinates: they sum the tied-embedding grads."""
+
+    @classmethod
+    def from_mesh(cls, mesh, dims: ParallelDims) -> "PipelineRanks":
+        ranks = mesh.mesh  # [pp, dp, tp] of global ranks
+        me = dist.get_rank()
+        embedding_group = None
+        for d in range(dims.dp):  # every rank creates every group, in the same order
+            for t in range(dims.tp):
+                members = sorted({int(ranks[0, d, t]), int(ranks[dims.pp - 1, d, t])})
+                group = dist.new_group(members)
+                if me in members:
+                    embedding_group = group
+        return cls(pp_rank=mesh["pp"].get_local_rank(), pp_group=mesh["pp"].get_group(),
+                   embedding_group=embedding_group)
+
+
+class PipelineRunner:
+    """Runs training steps and validation forwards of a pipelined rank model."""
+
+    def __init__(self, rank_model: GPT, dims: ParallelDims, ranks: PipelineRanks, device: torch.device,
+                 schedule: str) -> None:
+        self.model, self.dims, self.ranks, self.device = rank_model, dims, ranks, device
+        self.schedule_name = schedule
+        self.n_stages = dims.pp * dims.virtual_stages
+        layers = stage_layers(rank_model.config.n_layer, self.n_stages)
+        self.stage_ids = local_stages(dims, ranks.pp_rank)
+        self.views = {s: StageView(rank_model, layers[s], s == 0, s == self.n_stages - 1) for s in self.stage_ids}
+        self.is_first, self.is_last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
+        self._schedules: dict[int, object] = {}
+        self._loss_scale = 1.0
+
+    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from gptforge.parallel.loss import token_loss_sum
+
+        return token_loss_sum(logits, labels, (labels != -100)) * self._loss_scale
+
+    def _schedule(self, n_micro: int):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+        stages = [PipelineStage(self.views[s], s, self.n_stages, self.device, group=self.ranks.pp_group)
+                  for s in self.stage_ids]
+        # Losses are sums divided by the global token count already: no extra 1/n_micro scaling.
+        if self.schedule_name == "interleaved-1f1b":
+            return ScheduleInterleaved1F1B(stages, n_micro, loss_fn=self._loss_fn, scale_grads=False)
+        cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
+        return cls(stages[0], n_micro, loss_fn=self._loss_fn, scale_grads=False)
+
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor, n_micro: int, loss_scale: float) -> float:
+        """Forward/backward the rank's batch (tokens, labels [B, T]; masked labels are -100) through the
+        pipeline in ``n_micro`` micro-batches, each loss a token sum times ``loss_scale``. Returns the
+        sum of the scaled micro-batch losses (nonzero on the last stage only)."""
+        self._loss_scale = loss_scale
+        if n_micro not in self._schedules:  # the batch ramp changes the micro-batch count
+            self._schedules[n_micro] = self._schedule(n_micro)
+        schedule = self._schedules[n_micro]
+        losses: list[torch.Tensor] = []
+        kwargs = {"target": labels, "losses": losses} if self.is_last else {}
+        if self.is_first:
+            schedule.step(tokens, **kwargs)
+        else:
+            schedule.step(**kwargs)
+        return float(sum(loss.detach().float() for loss in losses)) if self.is_last else 0.0
+
+    @torch.no_grad()
+    def forward_logits(self, tokens: torch.Tensor, logits_fn) -> torch.Tensor | None:
+        """A plain forward through all stages in order (validation, no schedule); the last stage
+        returns ``logits_fn(logits)``, other ranks None. Hidden states travel by send/recv."""
+        stage_rank = lambda s: dist.get_global_rank(self.ranks.pp_group, s % self.dims.pp)  # noqa: E731
+        out = None
+        hidden = None
+        for s in range(self.n_stages):
+            if s not in self.views:
+                continue
+            if s == 0:
+                x = tokens.to(self.device)
+            else:
+                x = torch.empty(self._hidden_shape(tokens), dtype=torch.float32, device=self.device)
+                dist.recv(x, src=stage_rank(s - 1), group=None)
+            hidden = self.views[s](x)
+            if s == self.n_stages - 1:
+                out = logits_fn(hidden)
+            else:
+                dist.send(hidden.contiguous(), dst=stage_rank(s + 1), group=None)
+        return out
+
+    def _hidden_shape(self, tokens: torch.Tensor) -> tuple[int, int, int]:
+        b, seq = tokens.shape
+        if self.dims.sequence_parallel:
+            seq //= self.dims.tp
+        return b, seq, self.model.config.d_model
+
+    def sync_gradients(self) -> None:
+        """Sum the tied-embedding gradient between first and last stage; average over data-parallel ranks."""
+        if self.ranks.embedding_group is not None and self.model.tok_embeddings is not None:
+            weight = self.model.tok_embeddings.weight
+            grad = weight.grad
+            if grad is None or dist.get_world_size(self.ranks.embedding_group) == 1:
+                return
+            if isinstance(grad, DTensor) and grad.placements != weight.placements:
+                # The embedding lookup's backward can leave a replicated gradient while the head's is
+                # vocabulary-sharded: lay both out like the weight (a local slice) so the shards match.
+                grad = weight.grad = grad.redistribute(weight.device_mesh, weight.placements)
+            dist.all_reduce(_local(grad), group=self.ranks.embedding_group)
+
+    def average_over_dp(self, dp_group) -> None:
+        if self.dims.dp == 1:
+            return
+        for param in self.model.parameters():
+            if param.grad is not None:
+                local = _local(param.grad)
+                dist.all_reduce(local, group=dp_group)
+                local.div_(self.dims.dp)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Global grad norm over all stages (the tied embedding counted once), then clip, as
+        ``torch.nn.utils.clip_grad_norm_`` would on the whole model."""
+        grads = []
+        for name, param in self.model.named_parameters():
+            if param.grad is None:
+                continue
+            if name == "tok_embeddings.weight" and self.is_last and not self.is_first:
+                continue  # the first stage counts it
+            grads.append(param.grad)
+        local = torch.zeros((), dtype=torch.float64, device=self.device)
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            local = norm.double() ** 2
+        dist.all_reduce(local, group=self.ranks.pp_group)
+        total = float(local.sqrt())
+        if max_norm > 0:
+            coef = min(1.0, max_norm / (total + 1e-6))
+            if coef < 1.0:
+                for param in self.model.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(coef)
+        return total
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor to hand to a collective in place: a DTensor's local shard (outside autograd,
+    ``to_local`` returns the shard itself, not a copy)."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local()
