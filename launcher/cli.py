@@ -61,10 +61,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         rows = propose_rows(args.preset, n_gpus=args.gpus, gpus_per_node=args.gpus_per_node, flags=flags,
                             zero_stages=None if args.zero is None else [args.zero],
                             recompute=None if args.recompute is None else [args.recompute],
-                            global_batch=args.global_batch, top=args.top, **common)
+                            global_batch=args.global_batch, top=args.top, runnable_only=args.runnable, **common)
         print(json.dumps(rows, indent=2) if args.json else render_proposals(rows))
         return 0
-    for flag, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch)):
+    for flag, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch),
+                        ("--runnable", args.runnable or None)):
         if value is not None:
             raise ValueError(f"{flag} only applies with --propose (give --tp/--pp/--dp for one layout)")
     flags = LayoutFlags(tp=1 if args.tp is None else args.tp, pp=1 if args.pp is None else args.pp,
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --propose: sequences per step, caps dp x micro batch (default: the preset's "
                         "Table 2.1 batch, if any)")
     p.add_argument("--top", type=int, default=10, help="with --propose: layouts shown per preset (default 10)")
+    p.add_argument("--runnable", action="store_true",
+                   help="with --propose: only layouts 'gptforge train' runs today (no pp, ZeRO-1 or offload)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("files-to-jsonl", help="collect text files under a folder into one JSONL of documents")

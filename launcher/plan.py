@@ -160,11 +160,12 @@ def global_batch_sequences(name: str, seq_len: int, requested: int | None) -> in
 
 def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, micro_batch: int,
                  seq_len: int | None, precision: str, flags: LayoutFlags, zero_stages: list[int] | None,
-                 recompute: list[str] | None, global_batch: int | None, top: int) -> list[dict]:
+                 recompute: list[str] | None, global_batch: int | None, top: int,
+                 runnable_only: bool = False) -> list[dict]:
     """``--propose``: per preset, the layouts of ``n_gpus`` GPUs that fit, cheapest first (at most ``top``).
 
     Layouts with dp x micro batch above the global batch are dropped: there would be ranks without a
-    sequence to work on."""
+    sequence to work on. ``runnable_only`` keeps the layouts ``gptforge train`` runs today."""
     if n_gpus is None:
         raise ValueError("--propose needs --gpus N (the number of GPUs to lay out)")
     for flag, value in (("--gpus", n_gpus), ("--gpus-per-node", gpus_per_node), ("--top", top),
@@ -194,11 +195,13 @@ def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, mi
             sequence_parallel=flags.sequence_parallel)
         if batch is not None:
             proposals = [p for p in proposals if p.layout.dp * micro_batch <= batch]
+        if runnable_only:
+            proposals = [p for p in proposals if not trainer_gaps(p.layout)]
         rows.append({
             "preset": name, "n_params": param_counts(config).total(config.n_layer), "n_gpus": n_gpus,
             "gpus_per_node": gpus_per_node, "gpu_memory_gib": flags.gpu_memory_gib, "seq_len": seq,
             "micro_batch": micro_batch, "precision": precision, "global_batch_sequences": batch,
-            "n_fitting": len(proposals),
+            "runnable_only": runnable_only, "n_fitting": len(proposals),
             "layouts": [layout_fields(name, config, p.layout, flags.gpu_memory_gib) for p in proposals[:top]],
         })
     return rows
@@ -245,6 +248,7 @@ def render_proposals(rows: list[dict]) -> str:
         lines = [f"{r['preset']} ({r['n_params'] / 1e9:.2f}B parameters) on {r['n_gpus']} GPUs, "
                  f"{r['gpus_per_node']} per node, {r['gpu_memory_gib']:g} GiB each ({r['precision']}, micro batch "
                  f"{r['micro_batch']}, seq {r['seq_len']}{batch}): {r['n_fitting']} layouts fit"
+                 + (" that gptforge train runs today" if r["runnable_only"] else "")
                  + (f", best {len(r['layouts'])}:" if r["layouts"] else "")]
         if r["layouts"]:
             lines += [LAYOUT_HEAD] + [_layout_cells(fields) for fields in r["layouts"]]
