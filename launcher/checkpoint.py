@@ -25,6 +25,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gptforge.data_prep.atomic import atomic_write_json, fsync_path
+from gptforge.parallel import deepspeed_engine
+from gptforge.parallel.deepspeed_engine import DS_TAG
 from gptforge.parallel.distributed import DistInfo, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -36,7 +38,9 @@ class CheckpointMismatchError(ValueError):
 
 
 def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, ".metadata"))
+    """trainer_state.json is written last, after every rank's shards (DCP's .metadata or DeepSpeed's folder)."""
+    shards = os.path.isfile(os.path.join(path, ".metadata")) or os.path.isdir(os.path.join(path, DS_TAG))
+    return os.path.isfile(os.path.join(path, STATE_FILE)) and shards
 
 
 def rng_state() -> dict:
@@ -82,13 +86,16 @@ class CheckpointManager:
         return steps[-1][1] if steps else None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-             _die_before_rename: bool = False) -> str:
+             engine=None, _die_before_rename: bool = False) -> str:
         final = os.path.join(self.dir, f"step_{step:08d}")
         if is_complete(final):
             return final
         tmp = os.path.join(self.dir, f".tmp-step_{step:08d}")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        if engine is not None:  # DeepSpeed's partitioned format
+            deepspeed_engine.save(engine, tmp)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.info.rank}.pt"))
         barrier()
         if _die_before_rename:  # fault injection (tests): a save torn after the shards were written
@@ -105,7 +112,8 @@ class CheckpointManager:
         barrier()
         return final
 
-    def load(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, model_shape: dict) -> dict:
+    def load(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, model_shape: dict,
+             engine=None) -> dict:
         """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
         if not is_complete(path):
             raise CheckpointMismatchError(f"checkpoint {path!r} is not a complete gptforge checkpoint "
@@ -120,10 +128,16 @@ class CheckpointManager:
                 f"checkpoint {path!r} holds a model of another shape ({'; '.join(diffs)}); resume with the "
                 f"config it was trained with, or start a new run.dir / --resume none"
             )
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        target = {"model": model_sd, "optim": optim_sd}
-        dcp.load(target, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        if engine is not None:
+            deepspeed_engine.load(engine, path)
+        elif not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointMismatchError(f"checkpoint {path!r} was written by the DeepSpeed engine; resume it with "
+                                          f"parallel.zero_engine=deepspeed and the same data-parallel size")
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            target = {"model": model_sd, "optim": optim_sd}
+            dcp.load(target, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
         rng_path = os.path.join(path, f"rng_rank{self.info.rank}.pt")
         if os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=False))

@@ -120,7 +120,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Also shard LayerNorm/dropout activations along the sequence over the tensor-parallel ranks."""
     zero_stage: int = 0
-    """0: DDP replicas; 2: FSDP2 without resharding after forward (ZeRO-2 like); 3: FSDP2 (ZeRO-3 like)."""
+    """0: DDP replicas; 2: FSDP2 without resharding after forward (ZeRO-2 like); 3: FSDP2 (ZeRO-3 like).
+    With zero_engine deepspeed: DeepSpeed ZeRO stage 1, 2 or 3."""
+    zero_engine: Literal["fsdp", "deepspeed"] = "fsdp"
+    """``fsdp`` composes with tp and pp; ``deepspeed`` (tp = pp = 1) adds ZeRO-1 and optimizer offload."""
+    optimizer_offload: bool = False
+    """DeepSpeed: optimizer state and fp32 master weights on the CPU (ZeRO-Offload)."""
     loss_parallel: bool = True
     """With tp > 1, compute the cross-entropy on vocabulary-sharded logits (never gathering [B, T, V])."""
     recompute: Literal["none", "full", "selective"] = "none"

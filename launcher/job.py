@@ -121,7 +121,8 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
                                 zero_stage=par.zero_stage, world_size=world_size, errors=errors,
                                 loss_parallel=par.loss_parallel, recompute=par.recompute,
                                 recompute_every=par.recompute_every, pp=par.pp,
-                                virtual_stages=par.virtual_stages, pp_schedule=par.pp_schedule)
+                                virtual_stages=par.virtual_stages, pp_schedule=par.pp_schedule,
+                                zero_engine=par.zero_engine, optimizer_offload=par.optimizer_offload)
     if dims is not None and model is not None and seq_len:
         errors.extend(dims.validate_model(model, seq_len))
     if dims is not None and dims.pp > 1:
@@ -137,7 +138,9 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
                 errors.append(f"parallel.pp_schedule {dims.pp_schedule!r} needs at least parallel.pp ({dims.pp}) "
                               f"micro-batches per step, got {n_micro} (train.global_batch_size / "
                               f"(train.micro_batch_size x dp)); use more micro-batches or 'gpipe'")
-    if dims is not None and dims.zero_stage in (2, 3) and t.precision == "fp16":
+    if dims is not None and dims.deepspeed and t.compile:
+        errors.append("train.compile with parallel.zero_engine=deepspeed is not supported")
+    if dims is not None and dims.fsdp and t.precision == "fp16":
         errors.append("train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported: its dynamic "
                       "loss scaling does not cover sharded gradients; use bf16")
 

@@ -33,6 +33,8 @@ class StepContext:
     grad_clip: float
     dp_group: object
     pipeline: PipelineRunner | None = None
+    engine: object | None = None
+    """A DeepSpeed engine (ZeRO via DeepSpeed): it owns reduction, clipping and the optimizer step."""
 
 
 def autocast(precision: str, device: torch.device):
@@ -56,12 +58,32 @@ def micro_batches(dataset, start: int, batch: int, micro: int, dp_rank: int, dp_
 def train_step(ctx: StepContext, batches: list[dict], global_tokens: float, lr: float) -> tuple[float, float]:
     """Forward/backward all micro-batches, clip, optimizer step. Returns (loss sum of this data-parallel
     rank's tokens, global grad norm)."""
+    if ctx.engine is not None:
+        return _deepspeed_step(ctx, batches, global_tokens, lr)
     if ctx.pipeline is not None:
         loss_sum, grad_norm = _pipeline_step(ctx, batches, global_tokens, lr)
     else:
         loss_sum, grad_norm = _accumulate_step(ctx, batches, global_tokens, lr)
     ctx.optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def _deepspeed_step(ctx: StepContext, batches: list[dict], global_tokens: float, lr: float) -> tuple[float, float]:
+    from gptforge.parallel import deepspeed_engine
+
+    engine = ctx.engine
+    micro = batches[0]["tokens"].shape[0]
+    deepspeed_engine.set_batch(engine, len(batches) * micro * ctx.dims.dp)
+    deepspeed_engine.set_lr(engine, lr)
+    loss_sum = 0.0
+    for mb in batches:
+        x, y, mask = (mb[k].to(ctx.device) for k in ("tokens", "labels", "loss_mask"))  # each [b, T]
+        summed = token_loss_sum(engine(x), y, mask)
+        # The engine averages gradients over dp ranks; our loss is already per global token.
+        engine.backward(summed * (ctx.dims.dp / global_tokens), scale_wrt_gas=False)
+        engine.step()  # applies the update (clip, optimizer, zero grads) at the last micro-batch only
+        loss_sum += float(summed.detach())
+    return loss_sum, float(engine.get_global_grad_norm())
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -120,7 +142,7 @@ def evaluate(ctx: StepContext, dataset, n_samples: int, micro: int, dp_rank: int
     Every rank runs the same number of forwards (sharded parameters are gathered collectively):
     a rank with fewer sequences repeats one with zero weight."""
     dims, device = ctx.dims, ctx.device
-    ctx.model.eval()
+    ctx.module.eval()
     n = min(n_samples, len(dataset))
     per_rank = -(-n // dims.dp)
     ids = [(i, 1.0) for i in range(dp_rank, n, dims.dp)]
@@ -135,14 +157,14 @@ def evaluate(ctx: StepContext, dataset, n_samples: int, micro: int, dp_rank: int
         mask = torch.stack([it["loss_mask"] for it in items]).to(device) * weight
         with autocast(ctx.autocast_precision, device), loss_context(dims):
             if ctx.pipeline is None:
-                total += float(token_loss_sum(ctx.model(x), y, mask))
+                total += float(token_loss_sum(ctx.module(x), y, mask))
                 tokens += float(mask.sum())
             else:
                 out = ctx.pipeline.forward_logits(x, lambda logits: float(token_loss_sum(logits, y, mask)))
                 if out is not None:  # the last stage
                     total += out
                     tokens += float(mask.sum())
-    ctx.model.train()
+    ctx.module.train()
     if ctx.pipeline is not None:
         total, tokens = all_reduce_sum([total, tokens], device, ctx.pipeline.ranks.pp_group)
     total, tokens = all_reduce_sum([total, tokens], device, ctx.dp_group)

@@ -28,6 +28,7 @@ from gptforge.model.flops import count_parameters, flops_per_token, peak_flops
 from gptforge.model.gpt import GPT
 from gptforge.model.sample import sample
 from gptforge.launcher.steps import StepContext, evaluate, micro_batches, train_step
+from gptforge.parallel import deepspeed_engine
 from gptforge.parallel.apply import parallelize
 from gptforge.parallel.loss import inference_forward
 from gptforge.parallel.distributed import all_reduce_sum, init_distributed
@@ -79,8 +80,8 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     with torch.device("meta"):
         model = GPT(job.model)
     ddp_model, pipeline = parallelize(model, dims, mesh, info.device, t.seed, t.precision)
-    # FSDP runs 16-bit compute through its mixed-precision policy; everything else autocasts.
-    autocast_precision = "fp32" if dims.zero_stage in (2, 3) else t.precision
+    # FSDP and DeepSpeed run 16-bit compute through their own mixed precision; everything else autocasts.
+    autocast_precision = "fp32" if dims.fsdp or dims.deepspeed else t.precision
     n_params = count_parameters(job.model)
     fpt = flops_per_token(job.model, job.seq_len, n_params["total"] - n_params["position_embedding"])
     device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
@@ -88,7 +89,13 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     if t.compile:
         ddp_model = torch.compile(ddp_model)
     optimizer = build_optimizer(model, job)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16")
+    engine = None
+    if dims.deepspeed:
+        engine = deepspeed_engine.build_engine(model, optimizer, deepspeed_engine.deepspeed_config(
+            dims=dims, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size, precision=t.precision,
+            grad_clip=cfg.optim.grad_clip))
+        ddp_model = engine
+    scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16" and engine is None)
 
     ckpt = CheckpointManager(job.checkpoint_dir, cfg.checkpoint.keep_last, info)
     resume = cfg.checkpoint.resume
@@ -99,7 +106,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     step = tokens_seen = consumed = 0
     mlflow_run_id = None
     if resume_path is not None:
-        state = ckpt.load(resume_path, model, optimizer, job.model.shape_dict())
+        state = ckpt.load(resume_path, model, optimizer, job.model.shape_dict(), engine=engine)
         step, tokens_seen, consumed = state["step"], state["tokens_seen"], state["consumed_samples"]
         mlflow_run_id = state.get("mlflow_run_id")
         if state.get("scaler"):
@@ -134,7 +141,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         f"zero stage {dims.zero_stage}" + (f", {dims.pp_schedule} schedule" if dims.pp > 1 else ""))
     ctx = StepContext(module=ddp_model, model=model, optimizer=optimizer, scaler=scaler, dims=dims,
                       device=info.device, autocast_precision=autocast_precision, grad_clip=cfg.optim.grad_clip,
-                      dp_group=dp_group, pipeline=pipeline)
+                      dp_group=dp_group, pipeline=pipeline, engine=engine)
 
     def trainer_state() -> dict:
         return {"tokens_seen": tokens_seen, "consumed_samples": consumed, "mlflow_run_id": mlflow_run_id,
@@ -197,7 +204,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         (stop_votes,) = all_reduce_sum([1.0 if stop.requested else 0.0], info.device)
         if step % cfg.checkpoint.interval == 0 or last_step or stop_votes > 0:
             kill_in_save = fault is not None and fault == ("sigkill-in-save", step)
-            path = ckpt.save(step, model, optimizer, trainer_state(), _die_before_rename=kill_in_save)
+            path = ckpt.save(step, model, optimizer, trainer_state(), engine=engine, _die_before_rename=kill_in_save)
             log(f"checkpoint {path}")
         if stop_votes > 0:
             log(f"stop requested by signal: saved step {step}, exiting")
@@ -211,7 +218,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         tok = Tokenizer(job.job.tokenizer.path)
         prompt = tok.encode(t.sample_prompt) if t.sample_prompt else [tok.eod]
         out = sample(model, prompt, max_new_tokens=t.sample_tokens, temperature=0.8, top_k=40,
-                     forward=inference_forward(model, dims),
+                     forward=inference_forward(ddp_model, dims),
                      generator=torch.Generator(device=info.device).manual_seed(t.seed))
         summary["sample"] = t.sample_prompt + tok.decode([i for i in out if i != tok.eod])
         log("sample:\n" + summary["sample"])

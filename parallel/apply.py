@@ -71,7 +71,9 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
         apply_recompute(model, dims)
     if pipeline_ranks is not None:  # data parallelism: the runner averages gradients after each schedule
         return model, PipelineRunner(model, dims, pipeline_ranks, device, dims.pp_schedule)
-    if dims.zero_stage in (2, 3):
+    if dims.deepspeed:  # the engine wraps the model once the optimizer exists (launcher/train.py)
+        return model, None
+    if dims.fsdp:
         from torch.distributed.fsdp import fully_shard
 
         reshard = dims.zero_stage == 3  # ZeRO-3: free gathered parameters after forward; ZeRO-2: keep them
@@ -92,7 +94,7 @@ def no_grad_sync(module: nn.Module, dims: ParallelDims):
     """Context in which backward accumulates gradients locally (all micro-batches but the last)."""
     import contextlib
 
-    if dims.zero_stage in (2, 3):
+    if dims.fsdp:
         @contextlib.contextmanager
         def fsdp_no_sync():
             module.set_requires_gradient_sync(False)

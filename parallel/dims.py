@@ -28,7 +28,12 @@ class ParallelDims:
     """Shard LayerNorm/dropout regions along the sequence over the tensor-parallel ranks."""
     zero_stage: int = 0
     """0: DDP replicas; 2: FSDP2, parameters kept gathered between forward and backward (ZeRO-2 like);
-    3: FSDP2, parameters resharded after forward (ZeRO-3 like)."""
+    3: FSDP2, parameters resharded after forward (ZeRO-3 like). With ``zero_engine: deepspeed``:
+    DeepSpeed's ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)."""
+    zero_engine: str = "fsdp"
+    """Who shards for zero_stage > 0: ``fsdp`` (FSDP2; composes with tp and pp) or ``deepspeed``."""
+    optimizer_offload: bool = False
+    """DeepSpeed only: keep optimizer state and fp32 master weights on the CPU."""
     loss_parallel: bool = True
     """With tp > 1: cross-entropy on vocabulary-sharded logits, never gathering [B, T, V]."""
     recompute: str = "none"
@@ -44,7 +49,8 @@ class ParallelDims:
     def resolve(cls, *, tp: int, dp: int, sequence_parallel: bool, zero_stage: int, world_size: int,
                 errors: list[str], loss_parallel: bool = True, recompute: str = "none",
                 recompute_every: int = 2, pp: int = 1, virtual_stages: int = 1,
-                pp_schedule: str = "1f1b") -> "ParallelDims | None":
+                pp_schedule: str = "1f1b", zero_engine: str = "fsdp",
+                optimizer_offload: bool = False) -> "ParallelDims | None":
         """``dp = -1`` is inferred as world_size / (tp x pp). Appends named errors and returns None when invalid."""
         start = len(errors)
         if tp < 1:
@@ -57,8 +63,18 @@ class ParallelDims:
             errors.append(f"parallel.pp_schedule must be 'gpipe', '1f1b' or 'interleaved-1f1b', got {pp_schedule!r}")
         if dp == 0 or dp < -1:
             errors.append(f"parallel.dp must be >= 1 or -1 (inferred), got {dp}")
-        if zero_stage not in (0, *FSDP_STAGES):
-            errors.append(f"parallel.zero_stage must be 0 (DDP), 2 or 3 (FSDP2), got {zero_stage}")
+        if zero_engine not in ("fsdp", "deepspeed"):
+            errors.append(f"parallel.zero_engine must be 'fsdp' or 'deepspeed', got {zero_engine!r}")
+        elif zero_engine == "fsdp" and zero_stage not in (0, *FSDP_STAGES):
+            errors.append(f"parallel.zero_stage must be 0 (DDP), 2 or 3 (FSDP2), got {zero_stage}"
+                          + ("; ZeRO-1 needs parallel.zero_engine=deepspeed" if zero_stage == 1 else ""))
+        elif zero_engine == "deepspeed" and zero_stage not in (0, 1, 2, 3):
+            errors.append(f"parallel.zero_stage must be 0-3 with DeepSpeed, got {zero_stage}")
+        if zero_engine == "deepspeed" and (tp > 1 or pp > 1):
+            errors.append("parallel.zero_engine=deepspeed shards data-parallel replicas only: it needs parallel.tp = 1 "
+                          "and parallel.pp = 1 (use zero_engine=fsdp to combine sharding with tp/pp)")
+        if optimizer_offload and zero_engine != "deepspeed":
+            errors.append("parallel.optimizer_offload needs parallel.zero_engine=deepspeed")
         if recompute not in ("none", "full", "selective"):
             errors.append(f"parallel.recompute must be 'none', 'full' or 'selective', got {recompute!r}")
         if recompute_every < 1:
@@ -74,7 +90,7 @@ class ParallelDims:
             errors.append(f"parallel.pp ({pp}) x parallel.tp ({tp}) x parallel.dp ({dp}) = {pp * tp * dp} does not "
                           f"match the world size ({world_size} processes); set parallel.dp=-1 to infer it")
             return None
-        if pp > 1 and zero_stage in FSDP_STAGES:
+        if pp > 1 and zero_stage in FSDP_STAGES and zero_engine == "fsdp":
             errors.append("parallel.pp > 1 with parallel.zero_stage 2/3 (FSDP2) is not supported yet: pipelines "
                           "average gradients over data-parallel replicas (zero_stage 0)")
         if pp_schedule == "interleaved-1f1b" and virtual_stages < 2:
@@ -85,14 +101,15 @@ class ParallelDims:
             errors.append("parallel.virtual_stages > 1 needs parallel.pp > 1")
         if sequence_parallel and tp == 1:
             errors.append("parallel.sequence_parallel needs parallel.tp > 1")
-        if tp > 1 and dp > 1 and zero_stage == 0 and pp == 1:
+        if tp > 1 and dp > 1 and zero_stage == 0 and pp == 1 and zero_engine == "fsdp":
             errors.append("parallel.tp > 1 with parallel.dp > 1 needs parallel.zero_stage 2 or 3 (FSDP2 takes "
                           "tensor-parallel parameters; DDP does not)")
         if len(errors) > start:
             return None
         return cls(tp=tp, dp=dp, pp=pp, virtual_stages=virtual_stages, pp_schedule=pp_schedule,
                    sequence_parallel=sequence_parallel, zero_stage=zero_stage, loss_parallel=loss_parallel,
-                   recompute=recompute, recompute_every=recompute_every)
+                   recompute=recompute, recompute_every=recompute_every, zero_engine=zero_engine,
+                   optimizer_offload=optimizer_offload)
 
     def validate_model(self, model: GPTConfig, seq_len: int) -> list[str]:
         """Shape constraints of this layout on a model (each error names the keys involved)."""
@@ -118,3 +135,11 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+
+    @property
+    def fsdp(self) -> bool:
+        return self.zero_engine == "fsdp" and self.zero_stage in FSDP_STAGES
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.zero_engine == "deepspeed"
