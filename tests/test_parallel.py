@@ -17,6 +17,11 @@ LAYOUTS = {
     "tp2-dp2-fsdp": (4, ["parallel.tp=2", "parallel.zero_stage=3", "parallel.sequence_parallel=true"]),
     "dp2-fsdp-recompute-full": (2, ["parallel.zero_stage=3", "parallel.recompute=full"]),
     "tp2-recompute-selective": (2, ["parallel.tp=2", "parallel.recompute=selective"]),
+    "deepspeed-zero1-dp2": (2, ["parallel.zero_engine=deepspeed", "parallel.zero_stage=1"]),
+    "deepspeed-zero2-dp2": (2, ["parallel.zero_engine=deepspeed", "parallel.zero_stage=2"]),
+    "deepspeed-zero3-dp2": (2, ["parallel.zero_engine=deepspeed", "parallel.zero_stage=3"]),
+    "deepspeed-zero2-offload-dp2": (2, ["parallel.zero_engine=deepspeed", "parallel.zero_stage=2",
+                                        "parallel.optimizer_offload=true"]),
     "pp2-gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe", "train.sample_tokens=0"]),
     "pp2-1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.sample_tokens=0"]),
     "pp2-interleaved-1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b",
@@ -98,6 +103,20 @@ def test_pipeline_checkpoint_reshards_to_tensor_parallel(reference, tmp_path, wr
     assert_same_training(reference, run_dir)
 
 
+def test_deepspeed_resumes_exactly_and_refuses_other_formats(reference, tmp_path, write_config):
+    run_dir = tmp_path / "run"
+    cfg = write_config(run_dir=run_dir, **COMMON, checkpoint={"interval": 2, "keep_last": 2})
+    ds = ["parallel.zero_engine=deepspeed", "parallel.zero_stage=3"]
+    proc = run_train(cfg, *ds, "train.max_steps=2", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_train(cfg, "parallel.zero_stage=3", nproc=2)  # FSDP cannot read DeepSpeed's partitions
+    assert proc.returncode != 0 and "was written by the DeepSpeed engine" in proc.stderr
+    proc = run_train(cfg, *ds, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout
+    assert_same_training(reference, run_dir)
+
+
 def test_layout_errors_are_named_before_any_process_group(write_config):
     from gptforge.launcher.config_load import ConfigError
     from gptforge.launcher.job import resolve_job
@@ -139,6 +158,15 @@ def test_layout_errors_are_named_before_any_process_group(write_config):
     text = str(info.value)
     assert "'1f1b' needs at least parallel.pp (2) micro-batches per step, got 1" in text
     assert "train.sample_tokens > 0 with parallel.pp > 1 is not supported" in text
+    with pytest.raises(ConfigError) as info:
+        resolve_job(write_config(), ["parallel.zero_engine=deepspeed", "parallel.tp=2", "parallel.zero_stage=1"],
+                    world_size=4)
+    assert "parallel.zero_engine=deepspeed shards data-parallel replicas only" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        resolve_job(write_config(), ["parallel.zero_stage=1", "parallel.optimizer_offload=true"], world_size=2)
+    text = str(info.value)
+    assert "ZeRO-1 needs parallel.zero_engine=deepspeed" in text
+    assert "parallel.optimizer_offload needs parallel.zero_engine=deepspeed" in text
     with pytest.raises(ConfigError) as info:
         resolve_job(write_config(), ["parallel.recompute=some"], world_size=1)
     assert "parallel.recompute: expected one of 'none', 'full', 'selective', got 'some'" in str(info.value)
