@@ -26,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from gptforge.data_prep.atomic import atomic_write_json, fsync_path
 from gptforge.parallel import deepspeed_engine
-from gptforge.parallel.deepspeed_engine import DS_TAG
 from gptforge.parallel.distributed import DistInfo, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -38,9 +37,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def is_complete(path: str) -> bool:
-    """trainer_state.json is written last, after every rank's shards (DCP's .metadata or DeepSpeed's folder)."""
-    shards = os.path.isfile(os.path.join(path, ".metadata")) or os.path.isdir(os.path.join(path, DS_TAG))
-    return os.path.isfile(os.path.join(path, STATE_FILE)) and shards
+    return os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
 def rng_state() -> dict:
@@ -91,11 +88,11 @@ class CheckpointManager:
         if is_complete(final):
             return final
         tmp = os.path.join(self.dir, f".tmp-step_{step:08d}")
-        if engine is not None:  # DeepSpeed's partitioned format
-            deepspeed_engine.save(engine, tmp)
+        if engine is not None:  # DeepSpeed: gathered to named full tensors, the same files as any layout
+            model_sd, optim_sd = deepspeed_engine.full_state_dicts(engine, model, step)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.info.rank}.pt"))
         barrier()
         if _die_before_rename:  # fault injection (tests): a save torn after the shards were written
@@ -129,10 +126,7 @@ class CheckpointManager:
                 f"config it was trained with, or start a new run.dir / --resume none"
             )
         if engine is not None:
-            deepspeed_engine.load(engine, path)
-        elif not os.path.isfile(os.path.join(path, ".metadata")):
-            raise CheckpointMismatchError(f"checkpoint {path!r} was written by the DeepSpeed engine; resume it with "
-                                          f"parallel.zero_engine=deepspeed and the same data-parallel size")
+            deepspeed_engine.load_full_state_dicts(engine, model, path)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             target = {"model": model_sd, "optim": optim_sd}

@@ -3,13 +3,11 @@
 Data parallelism only (tp = pp = 1): the engine owns gradient reduction, partitioning, clipping and
 the optimizer step. The step's number of micro-batches follows GPT-3's batch ramp through
 ``set_train_batch_size``; losses arrive already divided by the global token count, so the engine's own
-1/accumulation scaling is off. Checkpoints are in DeepSpeed's partitioned format: a DeepSpeed run
-resumes under DeepSpeed with the same data-parallel size.
+1/accumulation scaling is off. Checkpoints are gathered to full, named tensors and written with
+``torch.distributed.checkpoint`` like every other layout's, so they reshard both ways.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -59,18 +57,78 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-DS_TAG = "deepspeed"
+def _full_shape(param: torch.nn.Parameter) -> torch.Size:
+    return getattr(param, "ds_shape", param.shape)  # ZeRO-3 leaves an empty local tensor
 
 
-def save(engine, directory: str) -> None:
-    engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False)
+def full_state_dicts(engine, model: torch.nn.Module, step: int) -> tuple[dict, dict]:
+    """Model and optimizer state keyed by parameter name, in the layout of
+    ``torch.distributed.checkpoint.state_dict.get_state_dict`` (fp32 master weights, Adam moments,
+    step), so a DeepSpeed run writes the same checkpoints as every other layout and can reshard to
+    and from them. Every rank calls this (gathers are collective under ZeRO-3)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _link_optimizer_state(engine)
+    model_sd, state = {}, {}
+    for name, param in model.named_parameters():
+        model_sd[name] = safe_get_full_fp32_param(param).detach().cpu()
+        state[name] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").detach().cpu(),
+            "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().cpu(),
+        }
+    groups = []
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: _full_shape(p) for n, p in model.named_parameters()}
+    for group, decayed in zip(engine.optimizer.param_groups, (True, False)):
+        # The same split as launcher/train.py's build_optimizer: matrices and embeddings decay.
+        members = [n for n in names if (len(shapes[n]) >= 2) == decayed]
+        groups.append({k: v for k, v in group.items() if k != "params"} | {"params": members})
+    return model_sd, {"state": state, "param_groups": groups}
 
 
-def load(engine, directory: str) -> None:
-    if not os.path.isdir(os.path.join(directory, DS_TAG)):
-        raise ValueError(f"checkpoint {directory!r} was not written by the DeepSpeed engine; resume it under the "
-                         f"layout that wrote it (parallel.zero_engine)")
-    path, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
-    if path is None:
-        raise ValueError(f"DeepSpeed could not load {directory!r} (was it written with another data-parallel size?)")
+def _link_optimizer_state(engine) -> None:
+    """Make every parameter's slice of the flat Adam state reachable by name. Adam state appears only
+    at the first step: create it (zeros) when a resume comes first. ZeRO-1/2 link parameters to it
+    once, after the first step, leaving a group unlinked if its state was not there yet: link all
+    groups again (idempotent)."""
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    opt = engine.optimizer
+    zero3 = hasattr(opt, "fp32_partitioned_groups_flat")
+    flats = opt.fp32_partitioned_groups_flat if zero3 else opt.single_partition_of_fp32_groups
+    for flat in flats:  # Adam state appears at the first step; a resume writes into it before that
+        if not opt.optimizer.state.get(flat):
+            opt.optimizer.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                         "exp_avg_sq": torch.zeros_like(flat)}
+    if not zero3:
+        for params, flat in zip(opt.bit16_groups, flats):
+            lazy_init_hp_params_optimizer_state(params, flat, opt.optimizer.state)
+
+
+def load_full_state_dicts(engine, model: torch.nn.Module, checkpoint_id: str) -> None:
+    """Read a checkpoint of any layout (by parameter name) into a DeepSpeed engine."""
+    import torch.distributed.checkpoint as dcp
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    target_model = {n: torch.empty(_full_shape(p)) for n, p in model.named_parameters()}
+    target_state = {n: {"step": torch.tensor(0.0), "exp_avg": torch.empty(_full_shape(p)),
+                        "exp_avg_sq": torch.empty(_full_shape(p))} for n, p in model.named_parameters()}
+    target = {"model": target_model, "optim": {"state": target_state}}
+    dcp.load(target, checkpoint_id=checkpoint_id)
+    _link_optimizer_state(engine)
+    for name, param in model.named_parameters():
+        safe_set_full_fp32_param(param, target_model[name])
+        safe_set_full_optimizer_state(param, target_state[name]["exp_avg"], "exp_avg")
+        safe_set_full_optimizer_state(param, target_state[name]["exp_avg_sq"], "exp_avg_sq")
+    # The loaded fp32 master weights must reach the module's own (partitioned) parameters too.
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for i in range(len(opt.fp16_groups)):
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+    elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2
+        opt.update_lp_params()
+    step = next(iter(target_state.values()))["step"]
+    for state in engine.optimizer.optimizer.state.values():  # the flat fp32 partitions' Adam step counts
+        if "step" in state:
+            state["step"] = step.clone() if torch.is_tensor(state["step"]) else int(step)

@@ -103,15 +103,18 @@ def test_pipeline_checkpoint_reshards_to_tensor_parallel(reference, tmp_path, wr
     assert_same_training(reference, run_dir)
 
 
-def test_deepspeed_resumes_exactly_and_refuses_other_formats(reference, tmp_path, write_config):
+@pytest.mark.parametrize("first, second", [
+    (["parallel.zero_engine=deepspeed", "parallel.zero_stage=2"], ["parallel.zero_stage=3"]),  # DeepSpeed -> FSDP
+    (["parallel.tp=2"], ["parallel.zero_engine=deepspeed", "parallel.zero_stage=3"]),  # tp -> DeepSpeed ZeRO-3
+    (["parallel.zero_engine=deepspeed", "parallel.zero_stage=1"],
+     ["parallel.zero_engine=deepspeed", "parallel.zero_stage=2", "parallel.optimizer_offload=true"]),
+], ids=["deepspeed-zero2-to-fsdp", "tp2-to-deepspeed-zero3", "deepspeed-zero1-to-zero2-offload"])
+def test_deepspeed_checkpoints_reshard(first, second, reference, tmp_path, write_config):
     run_dir = tmp_path / "run"
     cfg = write_config(run_dir=run_dir, **COMMON, checkpoint={"interval": 2, "keep_last": 2})
-    ds = ["parallel.zero_engine=deepspeed", "parallel.zero_stage=3"]
-    proc = run_train(cfg, *ds, "train.max_steps=2", nproc=2)
+    proc = run_train(cfg, *first, "train.max_steps=2", nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = run_train(cfg, "parallel.zero_stage=3", nproc=2)  # FSDP cannot read DeepSpeed's partitions
-    assert proc.returncode != 0 and "was written by the DeepSpeed engine" in proc.stderr
-    proc = run_train(cfg, *ds, nproc=2)
+    proc = run_train(cfg, *second, nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout
     assert_same_training(reference, run_dir)
