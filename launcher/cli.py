@@ -64,8 +64,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                             global_batch=args.global_batch, top=args.top, runnable_only=args.runnable, **common)
         print(json.dumps(rows, indent=2) if args.json else render_proposals(rows))
         return 0
-    for flag, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch),
-                        ("--runnable", args.runnable or None)):
+    for flag, value in (("--gpus", args.gpus), ("--runnable", args.runnable or None)):
         if value is not None:
             raise ValueError(f"{flag} only applies with --propose (give --tp/--pp/--dp for one layout)")
     flags = LayoutFlags(tp=1 if args.tp is None else args.tp, pp=1 if args.pp is None else args.pp,
@@ -73,7 +72,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                         recompute=args.recompute or "none", recompute_every=args.recompute_every,
                         optimizer_offload=args.optimizer_offload,
                         sequence_parallel=not args.no_sequence_parallel, gpu_memory_gib=gpu_memory)
-    rows = plan_rows(args.preset, flags=flags, **common)
+    rows = plan_rows(args.preset, flags=flags, global_batch=args.global_batch, **common)
     print(json.dumps(rows, indent=2) if args.json else render_table(rows) + "\n\n" + render_layout_table(rows))
     return 0
 
@@ -143,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=None, help="with --propose: number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=8, help="with --propose: the largest tp (default 8)")
     p.add_argument("--global-batch", type=int, default=None,
-                   help="with --propose: sequences per step, caps dp x micro batch (default: the preset's "
-                        "Table 2.1 batch, if any)")
+                   help="sequences per step: with --propose it caps dp x micro batch; both modes check the "
+                        "trainer's pipeline rule of >= pp micro-batches (default: the preset's Table 2.1 batch)")
     p.add_argument("--top", type=int, default=10, help="with --propose: layouts shown per preset (default 10)")
     p.add_argument("--runnable", action="store_true",
-                   help="with --propose: only layouts 'gptforge train' runs today (no pp, ZeRO-1 or offload)")
+                   help="with --propose: only layouts that 'gptforge train' accepts today")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("files-to-jsonl", help="collect text files under a folder into one JSONL of documents")

@@ -21,6 +21,7 @@ from gptforge.parallel.planner import (
     propose_layouts,
     shape_errors,
     trainer_gaps,
+    trainer_settings,
     value_errors,
 )
 
@@ -38,9 +39,10 @@ def expand_presets(names: list[str]) -> list[str]:
 
 
 def plan_rows(names: list[str], *, micro_batch: int, seq_len: int | None, precision: str,
-              flags: LayoutFlags | None = None) -> list[dict]:
+              flags: LayoutFlags | None = None, global_batch: int | None = None) -> list[dict]:
     """One row per preset: parameters, FLOPs/token, one replica's memory, and per-GPU memory under ``flags``
-    (default: one GPU, no sharding)."""
+    (default: one GPU, no sharding). ``global_batch`` (sequences; default the preset's Table 2.1 batch)
+    only enters the trainer's pipeline check of enough micro-batches per step."""
     flags = flags or LayoutFlags()
     if micro_batch < 1:
         raise ValueError(f"--micro-batch must be >= 1, got {micro_batch}")
@@ -70,7 +72,8 @@ def plan_rows(names: list[str], *, micro_batch: int, seq_len: int | None, precis
         if preset.batch_tokens:
             row |= {"paper_batch_tokens": preset.batch_tokens, "paper_lr": preset.lr}
         layout = flags.layout(micro_batch=micro_batch, seq_len=seq, precision=precision)
-        row |= layout_fields(name, config, layout, flags.gpu_memory_gib)
+        row |= layout_fields(name, config, layout, flags.gpu_memory_gib,
+                             global_batch_sequences(name, seq, global_batch))
         rows.append(row)
     return rows
 
@@ -125,8 +128,10 @@ class LayoutFlags:
                       sequence_parallel=self.sequence_parallel)
 
 
-def layout_fields(name: str, config: GPTConfig, layout: Layout, gpu_memory_gib: float) -> dict:
-    """The JSON fields of one preset under one layout (bytes, GiB, whether it fits, what the trainer lacks)."""
+def layout_fields(name: str, config: GPTConfig, layout: Layout, gpu_memory_gib: float,
+                  global_batch: int | None = None) -> dict:
+    """The JSON fields of one preset under one layout (bytes, GiB, whether it fits, how the trainer runs it or
+    why it does not)."""
     errors = shape_errors(config, layout, names=FLAG_NAMES)
     if errors:
         raise ValueError(f"{name}: " + "; ".join(errors))
@@ -144,7 +149,8 @@ def layout_fields(name: str, config: GPTConfig, layout: Layout, gpu_memory_gib: 
         "gpu_memory_gib": gpu_memory_gib,
         "safety_margin": SAFETY_MARGIN,
         "fits": fits(memory["total"], gpu_memory_gib),
-        "trainer_gaps": trainer_gaps(layout),
+        "trainer_settings": trainer_settings(layout),
+        "trainer_gaps": trainer_gaps(layout, global_batch),
     }
 
 
@@ -196,13 +202,13 @@ def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, mi
         if batch is not None:
             proposals = [p for p in proposals if p.layout.dp * micro_batch <= batch]
         if runnable_only:
-            proposals = [p for p in proposals if not trainer_gaps(p.layout)]
+            proposals = [p for p in proposals if not trainer_gaps(p.layout, batch)]
         rows.append({
             "preset": name, "n_params": param_counts(config).total(config.n_layer), "n_gpus": n_gpus,
             "gpus_per_node": gpus_per_node, "gpu_memory_gib": flags.gpu_memory_gib, "seq_len": seq,
             "micro_batch": micro_batch, "precision": precision, "global_batch_sequences": batch,
             "runnable_only": runnable_only, "n_fitting": len(proposals),
-            "layouts": [layout_fields(name, config, p.layout, flags.gpu_memory_gib) for p in proposals[:top]],
+            "layouts": [layout_fields(name, config, p.layout, flags.gpu_memory_gib, batch) for p in proposals[:top]],
         })
     return rows
 
@@ -211,20 +217,29 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.1f}"
 
 
+def trainer_engine(settings: dict) -> str:
+    """What does the data-parallel work in ``gptforge train`` for these settings (the table's trainer column)."""
+    if settings["zero_stage"] > 0:
+        return settings["zero_engine"]
+    if settings["dp"] > 1:
+        return "pipeline" if settings["pp"] > 1 else "ddp"
+    return "pipeline" if settings["pp"] > 1 else "yes"
+
+
 def _layout_cells(fields: dict) -> str:
     lay, mem = fields["layout"], fields["per_rank_bytes"]
     mode = f"sel/{lay['recompute_every']}" if lay["recompute"] == "selective" else lay["recompute"]
     mode += "+offload" if lay["optimizer_offload"] else ""
-    trainer = "yes" if not fields["trainer_gaps"] else "no"
+    trainer = "no" if fields["trainer_gaps"] else trainer_engine(fields["trainer_settings"])
     return (f"{lay['tp']:>4}{lay['pp']:>4}{lay['dp']:>6}{lay['zero_stage']:>6}{mode:>14}"
             f"{_gib(mem['weights']):>9}{_gib(mem['gradients']):>7}"
             f"{_gib(mem['master_weights'] + mem['optimizer_state']):>8}{_gib(mem['activations']):>7}"
             f"{_gib(mem['gather_buffers']):>8}{_gib(mem['total']):>8}"
-            f"{'yes' if fields['fits'] else 'NO':>6}{trainer:>9}")
+            f"{'yes' if fields['fits'] else 'NO':>6}{trainer:>11}")
 
 
 LAYOUT_HEAD = (f"{'tp':>4}{'pp':>4}{'dp':>6}{'zero':>6}{'recompute':>14}{'weights':>9}{'grads':>7}{'optim':>8}"
-               f"{'act':>7}{'gather':>8}{'total':>8}{'fits':>6}{'trainer':>9}")
+               f"{'act':>7}{'gather':>8}{'total':>8}{'fits':>6}{'trainer':>11}")
 
 
 def render_layout_table(rows: list[dict]) -> str:
@@ -237,7 +252,7 @@ def render_layout_table(rows: list[dict]) -> str:
     lines += [f"{r['preset']:<14}" + _layout_cells(r) for r in rows]
     lines.append(f"(GiB per GPU, largest pipeline stage, {first['precision']}, micro batch {first['micro_batch']}; "
                  f"optim = fp32 master + Adam; gather = ZeRO-3 prefetch; fits = total <= {1 - SAFETY_MARGIN:.0%} of "
-                 f"{first['gpu_memory_gib']:g} GiB; trainer = gptforge train runs it today)")
+                 f"{first['gpu_memory_gib']:g} GiB; trainer = how gptforge train runs it today, or no)")
     return "\n".join(lines)
 
 

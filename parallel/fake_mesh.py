@@ -10,9 +10,9 @@ A fake process group is process-wide state and can be initialised once at a time
 fresh ``python -m gptforge.parallel.fake_mesh`` child (``measure_in_subprocess``); the caller never holds a
 process group.
 
-Pipeline stages are measured as a GPT of n_layer / pp blocks, keeping the modules the planner assigns to the
-stage (first: token + position embeddings and blocks; middle: blocks; last: blocks, final LayerNorm and the
-tied token embedding's copy), sharded with the same tensor-parallel and FSDP2 code.
+A pipeline stage is measured on rank 0 of its (dp, tp) plane: the full model is pruned to the stage with the
+trainer's own ``prune_to_rank`` (parallel/pipeline.py), then sharded. FSDP2 does not compose with pipelines in
+the trainer yet; ZeRO-3 over a stage is measured anyway, as the sharding the planner assumes.
 """
 
 from __future__ import annotations
@@ -40,21 +40,11 @@ class Measurement:
     sequence_parallel: bool = True
 
 
-def _stage_configs(model: dict, pp: int) -> dict[str, tuple[dict, tuple[str, ...]]]:
-    """Per stage role: the config to build and the parameter-name prefixes the stage does not hold."""
+def stage_ranks(pp: int) -> dict[str, int]:
+    """Pipeline rank measured for each stage role: ``only`` (pp = 1), or ``first``, ``middle``, ``last``."""
     if pp == 1:
-        return {"only": (model, ())}
-    if model["n_layer"] % pp:
-        raise ValueError(f"pp ({pp}) must divide n_layer ({model['n_layer']})")
-    layers = model["n_layer"] // pp
-    stages = {
-        "first": (model | {"n_layer": layers, "final_norm": False}, ()),
-        "last": (model | {"n_layer": layers}, ("pos_embeddings.",)),
-    }
-    if pp > 2:
-        stages["middle"] = (model | {"n_layer": layers, "final_norm": False},
-                            ("tok_embeddings.", "pos_embeddings."))
-    return stages
+        return {"only": 0}
+    return {"first": 0, "last": pp - 1} | ({"middle": 1} if pp > 2 else {})
 
 
 def measure_local_bytes(request: Measurement) -> dict[str, int]:
@@ -70,6 +60,8 @@ def measure_local_bytes(request: Measurement) -> dict[str, int]:
 
     from gptforge.model.config import GPTConfig
     from gptforge.model.gpt import GPT
+    from gptforge.parallel.dims import ParallelDims
+    from gptforge.parallel.pipeline import prune_to_rank
     from gptforge.parallel.tensor_parallel import apply_tensor_parallel
 
     dtype = getattr(torch, DTYPES[request.precision])
@@ -77,9 +69,11 @@ def measure_local_bytes(request: Measurement) -> dict[str, int]:
     try:
         mesh = init_device_mesh("cpu", (request.dp, request.tp), mesh_dim_names=("dp", "tp"))
         out = {}
-        for stage, (model_kwargs, skipped) in _stage_configs(request.model, request.pp).items():
+        for stage, pp_rank in stage_ranks(request.pp).items():
             with torch.device("meta"):
-                model = GPT(GPTConfig(**model_kwargs)).to(dtype)
+                model = GPT(GPTConfig(**request.model)).to(dtype)
+            if request.pp > 1:  # keep this stage's blocks and embeddings, exactly as the trainer does
+                prune_to_rank(model, ParallelDims(tp=request.tp, dp=request.dp, pp=request.pp), pp_rank)
             if request.tp > 1:  # as parallel/apply.py: tensor parallel first, then FSDP2 over "dp"
                 apply_tensor_parallel(model, mesh["tp"], sequence_parallel=request.sequence_parallel,
                                       loss_parallel=True)
@@ -90,9 +84,7 @@ def measure_local_bytes(request: Measurement) -> dict[str, int]:
                     fully_shard(block, mesh=mesh["dp"])
                 fully_shard(model, mesh=mesh["dp"])
             total = 0
-            for name, param in model.named_parameters():
-                if name.startswith(skipped):
-                    continue
+            for param in model.parameters():
                 local = param.to_local() if isinstance(param, DTensor) else param
                 total += local.numel() * local.element_size()
             out[stage] = total

@@ -157,21 +157,41 @@ def shape_errors(config: GPTConfig, layout: Layout, names: Mapping[str, str] | N
     return errors
 
 
-def trainer_gaps(layout: Layout) -> list[str]:
-    """Why ``gptforge train`` cannot run this layout today (empty when it can). The planner covers more
-    than the trainer implements: pipeline stages, ZeRO-1 and offload are planned, not built."""
-    gaps = []
-    if layout.pp > 1:
-        gaps.append("pipeline parallelism is not implemented")
-    if layout.zero_stage == 1:
-        gaps.append("ZeRO-1 is not implemented (the trainer has 0 = DDP, 2 and 3 = FSDP2)")
-    if layout.optimizer_offload:
-        gaps.append("optimizer offload is not implemented")
-    if layout.tp > 1 and layout.dp > 1 and layout.zero_stage == 0:
-        gaps.append("tp > 1 with dp > 1 needs ZeRO 2 or 3 (DDP does not take tensor-parallel parameters)")
-    if layout.precision == "fp16" and layout.zero_stage in (2, 3):
-        gaps.append("fp16 with FSDP2 (ZeRO 2/3) is refused: use bf16")
-    return gaps
+def trainer_settings(layout: Layout) -> dict:
+    """The ``parallel.*`` config values that ask ``gptforge train`` for this layout (1F1B for pipelines).
+
+    ZeRO-1 and optimizer offload exist only in the DeepSpeed engine (data parallel only), and so does fp16 with
+    sharding (FSDP2 refuses fp16); ZeRO 2/3 otherwise go to FSDP2, which also composes with tensor parallelism."""
+    data_parallel_only = layout.tp == 1 and layout.pp == 1
+    deepspeed = (layout.zero_stage == 1 or layout.optimizer_offload
+                 or (layout.precision == "fp16" and layout.zero_stage in (2, 3) and data_parallel_only))
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
+            "sequence_parallel": layout.sequence_parallel and layout.tp > 1,
+            "zero_stage": layout.zero_stage, "zero_engine": "deepspeed" if deepspeed else "fsdp",
+            "optimizer_offload": layout.optimizer_offload, "recompute": layout.recompute,
+            "recompute_every": layout.recompute_every, "pp_schedule": "1f1b"}
+
+
+def trainer_gaps(layout: Layout, global_batch: int | None = None) -> list[str]:
+    """Why ``gptforge train`` refuses this layout (empty when it runs it): the trainer's own validation of
+    ``trainer_settings`` (``ParallelDims.resolve``), plus the precision and micro-batch rules that
+    ``launcher/job.py`` adds (mirrored here: they need the train section, which a layout does not have).
+    ``global_batch`` (sequences per step) enables the 1F1B check of at least pp micro-batches per step."""
+    from gptforge.parallel.dims import ParallelDims
+
+    settings = trainer_settings(layout)
+    errors: list[str] = []
+    dims = ParallelDims.resolve(world_size=layout.n_gpus, errors=errors, **settings)
+    if dims is None:
+        return errors
+    if layout.pp > 1 and layout.precision == "fp16":
+        errors.append("train.precision fp16 with parallel.pp > 1 is not supported")
+    if dims.fsdp and layout.precision == "fp16":
+        errors.append("train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported")
+    if layout.pp > 1 and global_batch is not None and global_batch // (layout.micro_batch * layout.dp) < layout.pp:
+        errors.append(f"1F1B needs at least parallel.pp ({layout.pp}) micro-batches per step, the global batch of "
+                      f"{global_batch} sequences gives {global_batch // (layout.micro_batch * layout.dp)}")
+    return errors
 
 
 @dataclass(kw_only=True, frozen=True)
