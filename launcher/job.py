@@ -132,12 +132,6 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
             errors.append("train.sample_tokens > 0 with parallel.pp > 1 is not supported: set it to 0")
         if t.precision == "fp16":
             errors.append("train.precision fp16 with parallel.pp > 1 is not supported; use bf16 or fp32")
-        if t.micro_batch_size and t.global_batch_size % (t.micro_batch_size * dims.dp) == 0:
-            n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
-            if dims.pp_schedule != "gpipe" and n_micro < dims.pp:
-                errors.append(f"parallel.pp_schedule {dims.pp_schedule!r} needs at least parallel.pp ({dims.pp}) "
-                              f"micro-batches per step, got {n_micro} (train.global_batch_size / "
-                              f"(train.micro_batch_size x dp)); use more micro-batches or 'gpipe'")
     if dims is not None and dims.deepspeed and t.compile:
         errors.append("train.compile with parallel.zero_engine=deepspeed is not supported")
     if dims is not None and dims.fsdp and t.precision == "fp16":
@@ -156,6 +150,14 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
             ramp_start_tokens=o.batch_ramp_start_tokens, ramp_tokens=o.batch_ramp_tokens,
         )
         errors.extend(schedule.validate())
+        if dims.pp > 1 and dims.pp_schedule != "gpipe" and not errors:
+            # The smallest step is the start of the batch ramp.
+            n_micro = schedule.batch_size(0) // (t.micro_batch_size * dims.dp)
+            if n_micro < dims.pp:
+                errors.append(f"parallel.pp_schedule {dims.pp_schedule!r} needs at least parallel.pp ({dims.pp}) "
+                              f"micro-batches per step, got {n_micro} (at the start of the batch ramp: "
+                              f"train.global_batch_size or optim.batch_ramp_start_tokens / seq_len, divided by "
+                              f"train.micro_batch_size x dp); use more micro-batches or 'gpipe'")
 
     if tokenizer is not None and seq_len and not errors:
         sources = [s for s in job.data.sources if s is not None]
