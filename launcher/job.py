@@ -150,7 +150,7 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
             ramp_start_tokens=o.batch_ramp_start_tokens, ramp_tokens=o.batch_ramp_tokens,
         )
         errors.extend(schedule.validate())
-        if dims.pp > 1 and dims.pp_schedule != "gpipe" and not errors:
+        if dims.pp > 1 and dims.pp_schedule != "gpipe":
             # The smallest step is the start of the batch ramp.
             n_micro = schedule.batch_size(0) // (t.micro_batch_size * dims.dp)
             if n_micro < dims.pp:
