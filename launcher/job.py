@@ -130,13 +130,10 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
             errors.append("train.compile with parallel.pp > 1 is not supported (stages run eagerly)")
         if t.sample_tokens > 0:
             errors.append("train.sample_tokens > 0 with parallel.pp > 1 is not supported: set it to 0")
-        if t.precision == "fp16":
-            errors.append("train.precision fp16 with parallel.pp > 1 is not supported; use bf16 or fp32")
     if dims is not None and dims.deepspeed and t.compile:
         errors.append("train.compile with parallel.zero_engine=deepspeed is not supported")
-    if dims is not None and dims.fsdp and t.precision == "fp16":
-        errors.append("train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported: its dynamic "
-                      "loss scaling does not cover sharded gradients; use bf16")
+    if dims is not None:
+        errors.extend(dims.precision_errors(t.precision))
 
     preset = PRESETS.get(raw.get("model", {}).get("preset") if isinstance(raw.get("model"), dict) else None)
     peak_lr = o.lr if o.lr is not None else (preset.lr if preset is not None else None)
@@ -150,14 +147,8 @@ def resolve_job(config_path: str, overrides: list[str], world_size: int | None =
             ramp_start_tokens=o.batch_ramp_start_tokens, ramp_tokens=o.batch_ramp_tokens,
         )
         errors.extend(schedule.validate())
-        if dims.pp > 1 and dims.pp_schedule != "gpipe":
-            # The smallest step is the start of the batch ramp.
-            n_micro = schedule.batch_size(0) // (t.micro_batch_size * dims.dp)
-            if n_micro < dims.pp:
-                errors.append(f"parallel.pp_schedule {dims.pp_schedule!r} needs at least parallel.pp ({dims.pp}) "
-                              f"micro-batches per step, got {n_micro} (at the start of the batch ramp: "
-                              f"train.global_batch_size or optim.batch_ramp_start_tokens / seq_len, divided by "
-                              f"train.micro_batch_size x dp); use more micro-batches or 'gpipe'")
+        # The smallest step is the start of the batch ramp.
+        errors.extend(dims.micro_batch_errors(schedule.batch_size(0) // (t.micro_batch_size * dims.dp)))
 
     if tokenizer is not None and seq_len and not errors:
         sources = [s for s in job.data.sources if s is not None]

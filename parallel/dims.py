@@ -129,6 +129,26 @@ class ParallelDims:
                           f"with parallel.sequence_parallel")
         return errors
 
+    def precision_errors(self, precision: str) -> list[str]:
+        """Compute precisions this layout cannot train in (``train.precision``)."""
+        errors = []
+        if self.pp > 1 and precision == "fp16":
+            errors.append("train.precision fp16 with parallel.pp > 1 is not supported; use bf16 or fp32")
+        if self.fsdp and precision == "fp16":
+            errors.append("train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported: its dynamic "
+                          "loss scaling does not cover sharded gradients; use bf16")
+        return errors
+
+    def micro_batch_errors(self, smallest_micro_batches: int) -> list[str]:
+        """1F1B schedules need at least pp micro-batches per data-parallel rank in every step;
+        ``smallest_micro_batches`` is the count of the smallest step (the start of a batch ramp)."""
+        if self.pp > 1 and self.pp_schedule != "gpipe" and smallest_micro_batches < self.pp:
+            return [f"parallel.pp_schedule {self.pp_schedule!r} needs at least parallel.pp ({self.pp}) micro-batches "
+                    f"per step, got {smallest_micro_batches} (at the start of the batch ramp: "
+                    f"train.global_batch_size or optim.batch_ramp_start_tokens / seq_len, divided by "
+                    f"train.micro_batch_size x dp); use more micro-batches or 'gpipe'"]
+        return []
+
     def build_mesh(self, device_type: str):
         """A 3-D DeviceMesh ("pp", "dp", "tp") over the default process group: tp innermost (fastest
         links, same node), pp outermost."""

@@ -174,8 +174,7 @@ def trainer_settings(layout: Layout) -> dict:
 
 def trainer_gaps(layout: Layout, global_batch: int | None = None) -> list[str]:
     """Why ``gptforge train`` refuses this layout (empty when it runs it): the trainer's own validation of
-    ``trainer_settings`` (``ParallelDims.resolve``), plus the precision and micro-batch rules that
-    ``launcher/job.py`` adds (mirrored here: they need the train section, which a layout does not have).
+    ``trainer_settings`` (``ParallelDims.resolve``, ``precision_errors``, ``micro_batch_errors``).
     ``global_batch`` (sequences per step) enables the 1F1B check of at least pp micro-batches per step."""
     from gptforge.parallel.dims import ParallelDims
 
@@ -184,13 +183,9 @@ def trainer_gaps(layout: Layout, global_batch: int | None = None) -> list[str]:
     dims = ParallelDims.resolve(world_size=layout.n_gpus, errors=errors, **settings)
     if dims is None:
         return errors
-    if layout.pp > 1 and layout.precision == "fp16":
-        errors.append("train.precision fp16 with parallel.pp > 1 is not supported")
-    if dims.fsdp and layout.precision == "fp16":
-        errors.append("train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported")
-    if layout.pp > 1 and global_batch is not None and global_batch // (layout.micro_batch * layout.dp) < layout.pp:
-        errors.append(f"1F1B needs at least parallel.pp ({layout.pp}) micro-batches per step, the global batch of "
-                      f"{global_batch} sequences gives {global_batch // (layout.micro_batch * layout.dp)}")
+    errors.extend(dims.precision_errors(layout.precision))
+    if global_batch is not None:
+        errors.extend(dims.micro_batch_errors(global_batch // (layout.micro_batch * layout.dp)))
     return errors
 
 
