@@ -6,7 +6,6 @@ can start from the paper's recipe. ``paper_params`` is the size the paper report
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from gptforge.model.config import GPTConfig
@@ -105,6 +104,3 @@ def get_preset(name: str) -> Preset:
 def gpt3_presets() -> list[Preset]:
     return [p for p in PRESETS.values() if p.name.startswith("gpt3-")]
 
-
-def preset_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(GPTConfig)}

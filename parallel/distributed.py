@@ -50,10 +50,6 @@ def init_distributed(device_kind: str = "auto") -> DistInfo:
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 def all_reduce_sum(values: list[float], device: torch.device, group=None) -> list[float]:
     """Sum floats across the ranks of ``group`` (default: all), one collective for the list."""
