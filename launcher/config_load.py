@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from gptforge.launcher.config_schema import JobConfig
-from gptforge.model.config import GPTConfig
+from gptforge.model.config import GPTConfig, ModelConfigError
 from gptforge.model.presets import PRESETS
 
 
@@ -186,17 +186,12 @@ def model_config_from_section(section: dict, vocab_size: int | None, errors: lis
         overrides["vocab_size"] = vocab_size
     fields = PRESETS[name].model | overrides
     try:
-        config = GPTConfig.__new__(GPTConfig)
-        config.__dict__.update({f.name: f.default for f in dataclasses.fields(GPTConfig)
-                                if f.default is not dataclasses.MISSING})
-        config.__dict__.update(fields)
-        problems = config.validate()
+        return GPTConfig(**fields)
+    except ModelConfigError as err:
+        errors.extend(err.errors)
     except TypeError as err:
-        problems = [f"model: {err}"]
-    if problems:
-        errors.extend(problems)
-        return None
-    return GPTConfig(**fields)
+        errors.append(f"model: {err}")
+    return None
 
 
 def parse_job_config(data: dict, errors: list[str]) -> JobConfig | None:

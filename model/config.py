@@ -12,6 +12,14 @@ def pad_vocab(vocab_size: int, multiple: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+class ModelConfigError(ValueError):
+    """Every problem of a model config; ``errors`` holds one message per field."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("invalid model config: " + "; ".join(errors))
+
+
 @dataclass(kw_only=True)
 class GPTConfig:
     """Shape and behaviour of a decoder-only GPT (GPT-1, GPT-2 or GPT-3 style)."""
@@ -52,7 +60,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         errors = self.validate()
         if errors:
-            raise ValueError("invalid model config: " + "; ".join(errors))
+            raise ModelConfigError(errors)
 
     def validate(self) -> list[str]:
         """Every problem with the values, each naming its field (empty when valid)."""

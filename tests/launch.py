@@ -43,3 +43,15 @@ def losses(run_dir) -> dict[int, float]:
     steps = [r["step"] for r in recs]
     assert len(steps) == len(set(steps)), "each step logged once"
     return {r["step"]: r["loss"] for r in recs}
+
+
+def config_errors(path: str, overrides=(), world_size: int = 1) -> list[str]:
+    """The errors ``resolve_job`` raises for a config (fails the test when it raises none)."""
+    import pytest
+
+    from gptforge.launcher.config_load import ConfigError
+    from gptforge.launcher.job import resolve_job
+
+    with pytest.raises(ConfigError) as info:
+        resolve_job(path, list(overrides), world_size=world_size)
+    return info.value.errors

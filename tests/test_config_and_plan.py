@@ -4,18 +4,11 @@ import subprocess
 import pytest
 import yaml
 
-from gptforge.launcher.config_load import ConfigError
 from gptforge.launcher.job import resolve_job
 from gptforge.launcher.schedule import TokenSchedule
 from gptforge.model.presets import gpt3_presets
 
-from launch import GPTFORGE
-
-
-def errors_of(path, overrides=(), world_size=1) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        resolve_job(path, list(overrides), world_size=world_size)
-    return info.value.errors
+from launch import GPTFORGE, config_errors
 
 
 def test_valid_config_resolves(write_config):
@@ -29,7 +22,7 @@ def test_valid_config_resolves(write_config):
 def test_all_errors_are_collected_and_named(write_config):
     path = write_config(train={"max_steps": "many", "micro_batch_size": 3, "bogus": 1},
                         optim={"lr": 1e-3, "beta": 0.9}, checkpoint={"keep_last": 0})
-    errors = errors_of(path)
+    errors = config_errors(path)
     joined = "\n".join(errors)
     assert "train.max_steps: expected int, got 'many'" in joined
     assert "train.bogus: unknown key" in joined
@@ -38,7 +31,7 @@ def test_all_errors_are_collected_and_named(write_config):
 
 
 def test_semantic_errors_are_collected_together(write_config):
-    errors = errors_of(write_config(train={"micro_batch_size": 3, "seq_len": 4096}, checkpoint={"keep_last": 0}))
+    errors = config_errors(write_config(train={"micro_batch_size": 3, "seq_len": 4096}, checkpoint={"keep_last": 0}))
     joined = "\n".join(errors)
     assert "train.global_batch_size (4) must be a multiple of train.micro_batch_size x data-parallel ranks (3)" in joined
     assert "train.seq_len (4096) exceeds the model's context_length (128)" in joined
@@ -46,7 +39,7 @@ def test_semantic_errors_are_collected_together(write_config):
 
 
 def test_missing_sections_and_unknown_preset(write_config):
-    errors = errors_of(write_config(train=None, model={"preset": "gpt5"}))
+    errors = config_errors(write_config(train=None, model={"preset": "gpt5"}))
     joined = "\n".join(errors)
     assert "train: missing (required)" in joined
     assert "model.preset: unknown preset 'gpt5'" in joined
@@ -55,7 +48,7 @@ def test_missing_sections_and_unknown_preset(write_config):
 def test_overrides_apply_and_are_validated(write_config):
     job = resolve_job(write_config(), ["train.max_steps=3", "model.dropout=0.2", "optim.lr=1e-4"], world_size=1)
     assert job.job.train.max_steps == 3 and job.model.dropout == 0.2 and job.schedule.peak_lr == 1e-4
-    errors = errors_of(write_config(), ["model.n_headz=2", "train.max_steps", "model.n_head=5"])
+    errors = config_errors(write_config(), ["model.n_headz=2", "train.max_steps", "model.n_head=5"])
     joined = "\n".join(errors)
     assert "model.n_headz: unknown key" in joined
     assert "override 'train.max_steps' must look like key.sub=value" in joined
@@ -63,7 +56,7 @@ def test_overrides_apply_and_are_validated(write_config):
 
 
 def test_world_size_enters_batch_validation(write_config):
-    errors = errors_of(write_config(train={"global_batch_size": 6, "micro_batch_size": 2}), world_size=2)
+    errors = config_errors(write_config(train={"global_batch_size": 6, "micro_batch_size": 2}), world_size=2)
     assert any("multiple of train.micro_batch_size x data-parallel ranks (4)" in e for e in errors)
 
 
@@ -71,17 +64,17 @@ def test_vocab_mismatch_between_tokenizer_and_data(tmp_path, write_config, corpu
     from gptforge.data_prep.tokenizer import train_tokenizer
 
     other = train_tokenizer([corpus_jsonl], str(tmp_path / "other"), vocab_size=600).model_path
-    errors = errors_of(write_config(tokenizer={"path": other}))
+    errors = config_errors(write_config(tokenizer={"path": other}))
     assert any("was tokenized with another tokenizer" in e and "data.sources[0].path" in e for e in errors)
-    errors = errors_of(write_config(model={"preset": "tiny", "vocab_size": 1000}))
+    errors = config_errors(write_config(model={"preset": "tiny", "vocab_size": 1000}))
     assert any("model.vocab_size (1000) does not match the tokenizer's vocabulary (512)" in e for e in errors)
 
 
 def test_missing_data_and_tiny_splits(tmp_path, write_config, indexed_prefix):
-    errors = errors_of(write_config(data={"sources": [{"path": str(tmp_path / "nothing")}]}))
+    errors = config_errors(write_config(data={"sources": [{"path": str(tmp_path / "nothing")}]}))
     assert any("data.sources[0].path" in e and "does not exist" in e for e in errors)
     # A 1% validation split of a small corpus holds no documents: refused up front (megatron-core would hang).
-    errors = errors_of(write_config(data={"sources": [{"path": indexed_prefix}], "split": "999,1,0"}))
+    errors = config_errors(write_config(data={"sources": [{"path": indexed_prefix}], "split": "999,1,0"}))
     assert any("validation split" in e and "fewer than one sequence" in e for e in errors)
 
 

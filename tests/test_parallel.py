@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from launch import losses, records, run_train
+from launch import config_errors, losses, records, run_train
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
@@ -121,58 +121,38 @@ def test_deepspeed_checkpoints_reshard(first, second, reference, tmp_path, write
 
 
 def test_layout_errors_are_named_before_any_process_group(write_config):
-    from gptforge.launcher.config_load import ConfigError
-    from gptforge.launcher.job import resolve_job
+    def errors(overrides, world_size, config=None) -> str:
+        return "\n".join(config_errors(config or write_config(), overrides, world_size))
 
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.tp=3", "parallel.dp=2"], world_size=4)
-    assert "parallel.pp (1) x parallel.tp (3) x parallel.dp (2) = 6 does not match the world size (4 processes)" \
-        in str(info.value)
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.tp=8"], world_size=8)
-    text = str(info.value)
+    text = errors(["parallel.tp=3", "parallel.dp=2"], 4)
+    assert "parallel.pp (1) x parallel.tp (3) x parallel.dp (2) = 6 does not match the world size (4 processes)" in text
+    text = errors(["parallel.tp=8"], 8)
     assert "model.n_head (4) must be divisible by parallel.tp (8)" in text
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.tp=2", "parallel.zero_stage=1"], world_size=4)
-    assert "parallel.zero_stage must be 0 (DDP), 2 or 3 (FSDP2), got 1" in str(info.value)
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.tp=2"], world_size=4)
-    assert "needs parallel.zero_stage 2 or 3" in str(info.value)
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=33"],
-                    world_size=2)
-    assert "train.seq_len (33) must be divisible by parallel.tp (2)" in str(info.value)
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.zero_stage=3", "train.precision=fp16"], world_size=2)
-    assert "train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported" in str(info.value)
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.pp=2", "parallel.zero_stage=3", "parallel.pp_schedule=interleaved-1f1b",
-                                     "train.sample_tokens=5"], world_size=4)
-    text = str(info.value)
+    text = errors(["parallel.tp=2", "parallel.zero_stage=1"], 4)
+    assert "parallel.zero_stage must be 0 (DDP), 2 or 3 (FSDP2), got 1" in text
+    text = errors(["parallel.tp=2"], 4)
+    assert "needs parallel.zero_stage 2 or 3" in text
+    text = errors(["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=33"], 2)
+    assert "train.seq_len (33) must be divisible by parallel.tp (2)" in text
+    text = errors(["parallel.zero_stage=3", "train.precision=fp16"], 2)
+    assert "train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported" in text
+    text = errors(["parallel.pp=2", "parallel.zero_stage=3", "parallel.pp_schedule=interleaved-1f1b",
+                   "train.sample_tokens=5"], 4)
     assert "parallel.pp > 1 with parallel.zero_stage 2/3 (FSDP2) is not supported yet" in text
     assert "'interleaved-1f1b' needs parallel.virtual_stages >= 2" in text
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(model={"preset": "tiny"}), ["parallel.pp=2", "parallel.virtual_stages=2",
-                    "parallel.pp_schedule=interleaved-1f1b"], world_size=2)
-    assert "model.n_layer (2) must be >= parallel.pp x parallel.virtual_stages (4)" in str(info.value)
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.pp=2", "train.micro_batch_size=4", "train.sample_tokens=1"],
-                    world_size=2)
-    text = str(info.value)
+    text = errors(["parallel.pp=2", "parallel.virtual_stages=2", "parallel.pp_schedule=interleaved-1f1b"], 2,
+                  config=write_config(model={"preset": "tiny"}))
+    assert "model.n_layer (2) must be >= parallel.pp x parallel.virtual_stages (4)" in text
+    text = errors(["parallel.pp=2", "train.micro_batch_size=4", "train.sample_tokens=1"], 2)
     assert "'1f1b' needs at least parallel.pp (2) micro-batches per step, got 1" in text
     assert "train.sample_tokens > 0 with parallel.pp > 1 is not supported" in text
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.zero_engine=deepspeed", "parallel.tp=2", "parallel.zero_stage=1"],
-                    world_size=4)
-    assert "parallel.zero_engine=deepspeed shards data-parallel replicas only" in str(info.value)
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.zero_stage=1", "parallel.optimizer_offload=true"], world_size=2)
-    text = str(info.value)
+    text = errors(["parallel.zero_engine=deepspeed", "parallel.tp=2", "parallel.zero_stage=1"], 4)
+    assert "parallel.zero_engine=deepspeed shards data-parallel replicas only" in text
+    text = errors(["parallel.zero_stage=1", "parallel.optimizer_offload=true"], 2)
     assert "ZeRO-1 needs parallel.zero_engine=deepspeed" in text
     assert "parallel.optimizer_offload needs parallel.zero_engine=deepspeed" in text
-    with pytest.raises(ConfigError) as info:
-        resolve_job(write_config(), ["parallel.recompute=some"], world_size=1)
-    assert "parallel.recompute: expected one of 'none', 'full', 'selective', got 'some'" in str(info.value)
+    text = errors(["parallel.recompute=some"], 1)
+    assert "parallel.recompute: expected one of 'none', 'full', 'selective', got 'some'" in text
 
 
 def test_bf16_fsdp_mixed_precision_tracks_one_process(tmp_path, write_config):
