@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gptforge.data_prep.atomic import atomic_write_json, fsync_path
 from gptforge.parallel import deepspeed_engine
@@ -30,6 +30,10 @@ from gptforge.parallel.distributed import DistInfo, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
+# Optimizer state and hyperparameters keyed per parameter name ("state.<fqn>.exp_avg",
+# "param_groups.<fqn>.lr"): ranks of different pipeline stages hold different parameter groups, and a
+# list of groups saved under one key would keep only one rank's copy.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class CheckpointMismatchError(ValueError):
@@ -91,7 +95,7 @@ class CheckpointManager:
         if engine is not None:  # DeepSpeed: gathered to named full tensors, the same files as any layout
             model_sd, optim_sd = deepspeed_engine.full_state_dicts(engine, model, step)
         else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.info.rank}.pt"))
         barrier()
@@ -128,10 +132,11 @@ class CheckpointManager:
         if engine is not None:
             deepspeed_engine.load_full_state_dicts(engine, model, path)
         else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
             target = {"model": model_sd, "optim": optim_sd}
             dcp.load(target, checkpoint_id=path)
-            set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+            set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"],
+                           options=STATE_DICT_OPTIONS)
         rng_path = os.path.join(path, f"rng_rank{self.info.rank}.pt")
         if os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=False))

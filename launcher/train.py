@@ -66,6 +66,13 @@ class StopFlag:
         self.requested = True
 
 
+def local_parameter_count(model: torch.nn.Module) -> int:
+    """Parameter values stored on this rank: a DTensor (tensor-parallel or FSDP) counts its local shard."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+
+
 def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     """Run the job to ``train.max_steps`` (resuming per ``checkpoint.resume``); returns a summary."""
     t, cfg = job.job.train, job.job
@@ -139,6 +146,8 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         f"{info.world_size} rank(s) on {info.device}{' (' + device_name + ')' if device_name else ''}; "
         f"pp {dims.pp} x dp {dims.dp} x tp {dims.tp}{' (sequence parallel)' if dims.sequence_parallel else ''}, "
         f"zero stage {dims.zero_stage}" + (f", {dims.pp_schedule} schedule" if dims.pp > 1 else ""))
+    if engine is None:  # what sharding left on this rank (DeepSpeed keeps its partitions out of sight)
+        log(f"rank 0 holds {local_parameter_count(model):,} parameter values")
     ctx = StepContext(module=ddp_model, model=model, optimizer=optimizer, scaler=scaler, dims=dims,
                       device=info.device, autocast_precision=autocast_precision, grad_clip=cfg.optim.grad_clip,
                       dp_group=dp_group, pipeline=pipeline, engine=engine)

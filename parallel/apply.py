@@ -69,8 +69,11 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
     init_parameters(model, seed)
     if dims.recompute != "none":
         apply_recompute(model, dims)
-    if pipeline_ranks is not None:  # data parallelism: the runner averages gradients after each schedule
-        return model, PipelineRunner(model, dims, pipeline_ranks, device, dims.pp_schedule)
+    if pipeline_ranks is not None:  # replicas: the runner averages gradients after each schedule
+        runner = PipelineRunner(model, dims, pipeline_ranks, device, dims.pp_schedule)
+        if dims.fsdp:
+            runner.shard(mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision))
+        return model, runner
     if dims.deepspeed:  # the engine wraps the model once the optimizer exists (launcher/train.py)
         return model, None
     if dims.fsdp:

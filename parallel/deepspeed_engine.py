@@ -63,28 +63,25 @@ def _full_shape(param: torch.nn.Parameter) -> torch.Size:
 
 def full_state_dicts(engine, model: torch.nn.Module, step: int) -> tuple[dict, dict]:
     """Model and optimizer state keyed by parameter name, in the layout of
-    ``torch.distributed.checkpoint.state_dict.get_state_dict`` (fp32 master weights, Adam moments,
-    step), so a DeepSpeed run writes the same checkpoints as every other layout and can reshard to
+    ``torch.distributed.checkpoint.state_dict.get_state_dict`` with ``flatten_optimizer_state_dict``
+    ("state.<name>.exp_avg", "param_groups.<name>.lr"; fp32 master weights, Adam moments, step), so a
+    DeepSpeed run writes the same checkpoints as every other layout and can reshard to
     and from them. Every rank calls this (gathers are collective under ZeRO-3)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     _link_optimizer_state(engine)
-    model_sd, state = {}, {}
+    model_sd, optim_sd = {}, {}
     for name, param in model.named_parameters():
         model_sd[name] = safe_get_full_fp32_param(param).detach().cpu()
-        state[name] = {
-            "step": torch.tensor(float(step)),
-            "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").detach().cpu(),
-            "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().cpu(),
-        }
-    groups = []
-    names = [n for n, _ in model.named_parameters()]
+        optim_sd[f"state.{name}.step"] = torch.tensor(float(step))
+        for key in ("exp_avg", "exp_avg_sq"):
+            optim_sd[f"state.{name}.{key}"] = safe_get_full_optimizer_state(param, key).detach().cpu()
     shapes = {n: _full_shape(p) for n, p in model.named_parameters()}
     for group, decayed in zip(engine.optimizer.param_groups, (True, False)):
         # The same split as launcher/train.py's build_optimizer: matrices and embeddings decay.
-        members = [n for n in names if (len(shapes[n]) >= 2) == decayed]
-        groups.append({k: v for k, v in group.items() if k != "params"} | {"params": members})
-    return model_sd, {"state": state, "param_groups": groups}
+        for name in (n for n in shapes if (len(shapes[n]) >= 2) == decayed):
+            optim_sd |= {f"param_groups.{name}.{k}": v for k, v in group.items() if k != "params"}
+    return model_sd, optim_sd
 
 
 def _link_optimizer_state(engine) -> None:
@@ -114,8 +111,8 @@ def load_full_state_dicts(engine, model: torch.nn.Module, checkpoint_id: str) ->
     target_model = {n: torch.empty(_full_shape(p)) for n, p in model.named_parameters()}
     target_state = {n: {"step": torch.tensor(0.0), "exp_avg": torch.empty(_full_shape(p)),
                         "exp_avg_sq": torch.empty(_full_shape(p))} for n, p in model.named_parameters()}
-    target = {"model": target_model, "optim": {"state": target_state}}
-    dcp.load(target, checkpoint_id=checkpoint_id)
+    flat = {f"state.{n}.{k}": v for n, st in target_state.items() for k, v in st.items()}
+    dcp.load({"model": target_model, "optim": flat}, checkpoint_id=checkpoint_id)  # fills the tensors in place
     _link_optimizer_state(engine)
     for name, param in model.named_parameters():
         safe_set_full_fp32_param(param, target_model[name])

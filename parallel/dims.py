@@ -90,9 +90,6 @@ class ParallelDims:
             errors.append(f"parallel.pp ({pp}) x parallel.tp ({tp}) x parallel.dp ({dp}) = {pp * tp * dp} does not "
                           f"match the world size ({world_size} processes); set parallel.dp=-1 to infer it")
             return None
-        if pp > 1 and zero_stage in FSDP_STAGES and zero_engine == "fsdp":
-            errors.append("parallel.pp > 1 with parallel.zero_stage 2/3 (FSDP2) is not supported yet: pipelines "
-                          "average gradients over data-parallel replicas (zero_stage 0)")
         if pp_schedule == "interleaved-1f1b" and virtual_stages < 2:
             errors.append("parallel.pp_schedule 'interleaved-1f1b' needs parallel.virtual_stages >= 2")
         if pp_schedule != "interleaved-1f1b" and virtual_stages > 1:

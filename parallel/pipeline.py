@@ -7,8 +7,10 @@ Megatron does): both copies start equal (initialised by name) and their gradient
 first and last stage every step, so they stay equal. Stage ``s`` of ``pp * virtual`` lives on rank
 ``s % pp`` (the interleaved layout); a rank's stages are views over its rank model.
 
-Data parallelism under a pipeline averages gradients over the "dp" ranks after the schedule (no
-overlap yet); FSDP sharding with a pipeline is not supported.
+Data parallelism under a pipeline either averages replica gradients over the "dp" ranks after the
+schedule (zero_stage 0), or shards every stage with FSDP2 (zero_stage 2/3): each block is its own
+FSDP unit and each stage view the root unit of the rest it calls (embeddings, final LayerNorm, the
+tied matrix), so the pipeline schedule sees FSDP modules and reduce-scatters once per step.
 """
 
 from __future__ import annotations
@@ -61,12 +63,23 @@ def prune_to_rank(model: GPT, dims: ParallelDims, pp_rank: int) -> None:
 
 
 class StageView(nn.Module):
-    """One pipeline stage: a slice of the rank model's blocks (holds no parameters of its own)."""
+    """One pipeline stage: a slice of the rank model's blocks. The modules it calls are registered as
+    its children too (so FSDP can shard a stage as one unit); parameter names, optimizer and
+    checkpoints stay with the rank model."""
 
     def __init__(self, rank_model: GPT, layers: list[int], first: bool, last: bool) -> None:
         super().__init__()
-        self._rank_model = [rank_model]  # a list: not registered as a child, parameters stay with the rank model
+        self._rank_model = [rank_model]  # a list: not a child, so the view is not a second model root
         self.layers, self.first, self.last = [str(i) for i in layers], first, last
+        self.stage_blocks = nn.ModuleList(rank_model.blocks[name] for name in self.layers)
+        parts = {}
+        if first:
+            parts |= {"tok_embeddings": rank_model.tok_embeddings, "pos_embeddings": rank_model.pos_embeddings}
+        if last:
+            parts |= {"tok_embeddings": rank_model.tok_embeddings}
+            if rank_model.norm is not None:
+                parts["norm"] = rank_model.norm
+        self.parts = nn.ModuleDict(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self._rank_model[0]
@@ -119,6 +132,17 @@ class PipelineRunner:
         self._schedules: dict[int, object] = {}
         self._loss_scale = 1.0
 
+    def shard(self, dp_mesh, reshard_after_forward: bool, mp_policy) -> None:
+        """FSDP2 over the data-parallel ranks (zero_stage 2/3): every block of every local stage, then
+        each stage view as the unit of its remaining parameters. Gradients come out reduce-scattered
+        (averaged over dp) by the schedule's last backward, so ``average_over_dp`` has nothing to do."""
+        from torch.distributed.fsdp import fully_shard
+
+        for view in self.views.values():
+            for block in view.stage_blocks:
+                fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+            fully_shard(view, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+
     def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from gptforge.parallel.loss import token_loss_sum
 
@@ -170,7 +194,8 @@ class PipelineRunner:
             if s == self.n_stages - 1:
                 out = logits_fn(hidden)
             else:
-                dist.send(hidden.contiguous(), dst=stage_rank(s + 1), group=None)
+                # fp32 on the wire whatever the compute dtype (FSDP casts a stage's inputs back to its own)
+                dist.send(hidden.float().contiguous(), dst=stage_rank(s + 1), group=None)
         return out
 
     def _hidden_shape(self, tokens: torch.Tensor) -> tuple[int, int, int]:
@@ -193,7 +218,7 @@ class PipelineRunner:
             dist.all_reduce(_local(grad), group=self.ranks.embedding_group)
 
     def average_over_dp(self, dp_group) -> None:
-        if self.dims.dp == 1:
+        if self.dims.dp == 1 or self.dims.fsdp:  # FSDP reduce-scattered them in backward
             return
         for param in self.model.parameters():
             if param.grad is not None:

@@ -3,6 +3,7 @@ and data): the loss of every step and the validation loss agree to 1e-6 relative
 
 import json
 import os
+import re
 
 import pytest
 
@@ -27,9 +28,15 @@ LAYOUTS = {
     "pp2-interleaved-1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b",
                                  "parallel.virtual_stages=2", "train.sample_tokens=0"]),
     "pp2-dp2": (4, ["parallel.pp=2", "train.sample_tokens=0"]),
+    "pp2-dp2-fsdp-zero3": (4, ["parallel.pp=2", "parallel.zero_stage=3", "train.sample_tokens=0"]),
+    "pp2-interleaved-dp2-fsdp-zero2": (4, ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b",
+                                           "parallel.virtual_stages=2", "parallel.zero_stage=2",
+                                           "train.sample_tokens=0"]),
     "tp2-pp2": (4, ["parallel.pp=2", "parallel.tp=2", "train.sample_tokens=0"]),
     "tp2-pp2-dp2-sp": (8, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
                            "train.sample_tokens=0"]),
+    "tp2-pp2-dp2-fsdp-zero3": (8, ["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=3",
+                                   "train.sample_tokens=0"]),
 }
 COMMON = dict(train={"max_steps": 4, "eval_interval": 2, "global_batch_size": 4, "micro_batch_size": 1,
                      "seq_len": 32, "eval_samples": 6, "sample_tokens": 6},
@@ -50,7 +57,12 @@ def reference(tmp_path_factory, tokenizer_model, indexed_prefix):
     path.write_text(yaml.safe_dump(cfg))
     proc = run_train(str(path))
     assert proc.returncode == 0, proc.stderr
+    (root / "run" / "train.out").write_text(proc.stdout)
     return root / "run"
+
+
+def values_held(stdout: str) -> int:
+    return int(re.search(r"rank 0 holds ([\d,]+) parameter values", stdout).group(1).replace(",", ""))
 
 
 def assert_same_training(reference_dir, run_dir, steps=range(1, 5)):
@@ -74,6 +86,15 @@ def test_layout_matches_one_process(layout, reference, tmp_path, write_config):
     proc = run_train(write_config(run_dir=run_dir, **COMMON), *overrides, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_training(reference, run_dir)
+    # Sharding really happened: rank 0 stores its share of the model (DeepSpeed hides its partitions).
+    if "parallel.zero_engine=deepspeed" in overrides:
+        return
+    held, full = values_held(proc.stdout), values_held((reference / "train.out").read_text())
+    degree = lambda key: int(next((o.split("=")[1] for o in overrides if o.startswith(key + "=")), 1))  # noqa: E731
+    fsdp_dp = nproc // (degree("parallel.tp") * degree("parallel.pp")) if degree("parallel.zero_stage") >= 2 else 1
+    divisor = degree("parallel.tp") * degree("parallel.pp") * fsdp_dp
+    # Replicated LayerNorms/biases and the first stage's embeddings leave a rank a bit over its share.
+    assert full / divisor <= held * 1.0001 and held <= 1.25 * full / divisor, (held, full, divisor)
 
 
 def test_checkpoint_reshards_across_layouts(reference, tmp_path, write_config):
@@ -90,14 +111,21 @@ def test_checkpoint_reshards_across_layouts(reference, tmp_path, write_config):
     assert state["step"] == 4
 
 
-def test_pipeline_checkpoint_reshards_to_tensor_parallel(reference, tmp_path, write_config):
-    """Save under pp2 (interleaved, 4 stages) at step 2, resume under tp2: steps 3-4 equal one process."""
+PP = ["parallel.pp=2", "train.sample_tokens=0"]
+
+
+@pytest.mark.parametrize("first, second", [
+    ((2, PP + ["parallel.pp_schedule=interleaved-1f1b", "parallel.virtual_stages=2"]), (2, ["parallel.tp=2"])),
+    ((4, PP + ["parallel.tp=2"]), (4, PP + ["parallel.zero_stage=3"])),
+    ((4, PP + ["parallel.zero_stage=2"]), (2, ["parallel.zero_engine=deepspeed", "parallel.zero_stage=2"])),
+], ids=["pp2-interleaved-to-tp2", "tp2-pp2-to-pp2-dp2-fsdp", "pp2-dp2-fsdp-to-deepspeed-zero2"])
+def test_pipeline_checkpoints_reshard(first, second, reference, tmp_path, write_config):
+    """Save under a pipeline layout at step 2, resume under another: steps 3-4 equal one process."""
     run_dir = tmp_path / "run"
     cfg = write_config(run_dir=run_dir, **COMMON, checkpoint={"interval": 2, "keep_last": 2})
-    proc = run_train(cfg, "parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.virtual_stages=2",
-                     "train.max_steps=2", "train.sample_tokens=0", nproc=2)
+    proc = run_train(cfg, *first[1], "train.max_steps=2", nproc=first[0])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = run_train(cfg, "parallel.tp=2", nproc=2)
+    proc = run_train(cfg, *second[1], nproc=second[0])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout
     assert_same_training(reference, run_dir)
@@ -138,7 +166,6 @@ def test_layout_errors_are_named_before_any_process_group(write_config):
     assert "train.precision fp16 with parallel.zero_stage 2/3 (FSDP2) is not supported" in text
     text = errors(["parallel.pp=2", "parallel.zero_stage=3", "parallel.pp_schedule=interleaved-1f1b",
                    "train.sample_tokens=5"], 4)
-    assert "parallel.pp > 1 with parallel.zero_stage 2/3 (FSDP2) is not supported yet" in text
     assert "'interleaved-1f1b' needs parallel.virtual_stages >= 2" in text
     text = errors(["parallel.pp=2", "parallel.virtual_stages=2", "parallel.pp_schedule=interleaved-1f1b"], 2,
                   config=write_config(model={"preset": "tiny"}))

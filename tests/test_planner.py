@@ -255,13 +255,14 @@ def test_cli_json_propose(capsys):
     code, out, _ = run_cli(capsys, "--preset", "gpt3-125m", "--propose", "--gpus", "512", "--global-batch", "1024",
                            "--json")
     assert json.loads(out)[0]["layouts"][0]["layout"]["dp"] == 512
-    # --runnable: only what the trainer accepts today (175B: FSDP2 with tp, or pipelines without sharding)
+    # --runnable: only what the trainer accepts (175B: FSDP2 with tp and with pipelines, DDP pipelines)
     code, out, _ = run_cli(capsys, "--preset", "gpt3-175b", "--propose", "--gpus", "1024", "--runnable", "--top",
                            "100", "--json")
     (row,) = json.loads(out)
     assert row["layouts"] and all(f["trainer_gaps"] == [] for f in row["layouts"])
     assert any(f["layout"]["pp"] > 1 for f in row["layouts"])
-    assert all(f["layout"]["pp"] == 1 or f["layout"]["zero_stage"] == 0 for f in row["layouts"])
+    assert any(f["layout"]["pp"] > 1 and f["layout"]["zero_stage"] == 3 for f in row["layouts"])
+    assert all(f["layout"]["pp"] == 1 or f["layout"]["zero_stage"] != 1 for f in row["layouts"])
 
 
 def test_trainer_gaps_follow_the_trainers_rules():
@@ -269,7 +270,7 @@ def test_trainer_gaps_follow_the_trainers_rules():
     assert gaps(8, 16, 8, 0, global_batch=1536) == []  # pipelines average gradients over replicas
     assert any("micro-batches" in g for g in gaps(8, 16, 8, 0, global_batch=64))  # 8 per step < pp 16
     assert any("deepspeed" in g for g in gaps(8, 16, 8, 1))  # ZeRO-1 is DeepSpeed's, data parallel only
-    assert any("pp > 1 with parallel.zero_stage 2/3" in g for g in gaps(8, 16, 8, 3))
+    assert gaps(8, 16, 8, 3) == [] and gaps(8, 16, 8, 2) == []  # FSDP2 shards every pipeline stage
     assert gaps(1, 1, 8, 1) == [] and trainer_settings(layout_of(1, 1, 8, 1))["zero_engine"] == "deepspeed"
     assert gaps(8, 1, 16, 3) == [] and trainer_settings(layout_of(8, 1, 16, 3))["zero_engine"] == "fsdp"
     assert any("DDP does not" in g for g in gaps(2, 1, 4, 0))
