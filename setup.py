@@ -33,7 +33,15 @@ setup(
         "matplotlib>=3.8",
         "safetensors>=0.4",
         "transformers>=4.45",
+        # data_prep: WARC reading, HTML extraction and language ID (offline), .zst shards, the quality
+        # classifier, fast non-cryptographic hashing for MinHash and exact dedup
+        "resiliparse>=0.15",
+        "zstandard>=0.22",
+        "scikit-learn>=1.4",
+        "xxhash>=3.4",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"],
+                    # bench/ only: the reference implementation the dedup benchmark runs beside ours
+                    "bench": ["datasketch>=1.6"]},
     entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli:main"]},
 )

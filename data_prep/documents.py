@@ -1,12 +1,13 @@
-"""Reading documents from JSONL (optionally .gz) and Parquet files, with counted, located skips.
+"""Reading records from JSONL (plain, .gz or .zst) and Parquet files, with counted, located skips.
 
-A bad record (invalid JSON, invalid UTF-8, no text field, a text that is not a string) is skipped and
-counted with its file and line; it never stops the read, and every valid record around it comes
-through. A file that cannot be opened or a truncated gzip stream is counted too.
+A bad record (invalid JSON, invalid UTF-8, not an object, no text field, a text that is not a string)
+is skipped and counted with its file and line; it never stops the read, and every valid record around
+it comes through. A file that cannot be opened or a truncated gzip/zstd stream is counted too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -15,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 
 
@@ -67,17 +68,64 @@ def check_input_files(paths: list[str], flag: str = "input") -> list[str]:
 
 def iter_texts(path: str, text_field: str, skips: SkipLog) -> Iterator[str]:
     """Yield the ``text_field`` of every valid record of one JSONL or Parquet file."""
+    for record, _ in iter_records(path, text_field, skips):
+        yield record[text_field]
+
+
+def iter_records(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[dict, str]]:
+    """Yield (record, location) for every valid record of one JSONL(.gz/.zst) or Parquet file: a dict
+    with a string ``text_field`` (all other fields unchanged); location is ``file:line`` / ``file:row N``."""
     if path.endswith(PARQUET_SUFFIXES):
         yield from _iter_parquet(path, text_field, skips)
     else:
         yield from _iter_jsonl(path, text_field, skips)
 
 
-def _iter_jsonl(path: str, text_field: str, skips: SkipLog) -> Iterator[str]:
-    opener = gzip.open if path.endswith(".gz") else open
+class TruncatedStream(EOFError):
+    """A compressed stream that ended inside a frame."""
+
+
+def _zstd_lines(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a (multi-frame) zstd file. zstandard's stream reader returns a clean EOF when a file
+    ends mid-frame, which would lose the tail silently: decode frame by frame and raise instead."""
+    import zstandard
+
+    with open(path, "rb") as handle:
+        decoder, pending, fed = zstandard.ZstdDecompressor().decompressobj(), b"", False
+        while True:
+            data = handle.read(chunk)
+            if not data:
+                break
+            while data:
+                out = decoder.decompress(data)
+                fed = True
+                data = b""
+                if decoder.eof:  # a frame ended; what follows is the next frame
+                    data, decoder, fed = decoder.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
+                pending += out
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line + b"\n"
+        if fed:
+            raise TruncatedStream(f"{path} ends inside a zstd frame")
+        if pending:
+            yield pending
+
+
+def _open_lines(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        return contextlib.closing(_zstd_lines(path))
+    return open(path, "rb")
+
+
+def _iter_jsonl(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[dict, str]]:
+    import zstandard
+
     line_no = 0
     try:
-        with opener(path, "rb") as handle:
+        with _open_lines(path) as handle:
             for line_no, raw in enumerate(handle, start=1):
                 if not raw.strip():
                     continue
@@ -95,18 +143,17 @@ def _iter_jsonl(path: str, text_field: str, skips: SkipLog) -> Iterator[str]:
                 if not isinstance(record, dict) or text_field not in record:
                     skips.add(f"missing_field_{text_field}", where)
                     continue
-                text = record[text_field]
-                if not isinstance(text, str):
+                if not isinstance(record[text_field], str):
                     skips.add(f"non_string_{text_field}", where)
                     continue
-                yield text
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+                yield record, where
+    except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as err:
         skips.add("truncated_or_corrupt_file", f"{path}:{line_no + 1} ({err.__class__.__name__})")
     except OSError as err:
         skips.add("unreadable_file", f"{path} ({err.strerror or err})")
 
 
-def _iter_parquet(path: str, text_field: str, skips: SkipLog) -> Iterator[str]:
+def _iter_parquet(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[dict, str]]:
     import pyarrow.parquet as pq
 
     try:
@@ -118,10 +165,10 @@ def _iter_parquet(path: str, text_field: str, skips: SkipLog) -> Iterator[str]:
         skips.add(f"missing_field_{text_field}", f"{path} (columns: {', '.join(parquet.schema_arrow.names)})")
         return
     row = 0
-    for batch in parquet.iter_batches(columns=[text_field]):
-        for value in batch.column(0).to_pylist():
+    for batch in parquet.iter_batches():
+        for record in batch.to_pylist():
             row += 1
-            if not isinstance(value, str):
+            if not isinstance(record.get(text_field), str):
                 skips.add(f"non_string_{text_field}", f"{path}:row {row}")
                 continue
-            yield value
+            yield record, f"{path}:row {row}"
