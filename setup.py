@@ -33,12 +33,13 @@ setup(
         "matplotlib>=3.8",
         "safetensors>=0.4",
         "transformers>=4.45",
-        # data_prep: WARC reading, HTML extraction and language ID (offline), .zst shards, the quality
+        # data_prep: WARC reading and HTML extraction (offline), .zst shards, the quality
         # classifier, fast non-cryptographic hashing for MinHash and exact dedup
         "resiliparse>=0.15",
         "zstandard>=0.22",
         "scikit-learn>=1.4",
         "xxhash>=3.4",
+        "py3langid>=0.3",  # language ID with a bundled model and probability scores
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6.100"],
                     # bench/ only: the reference implementation the dedup benchmark runs beside ours

@@ -95,6 +95,14 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
         return isinstance(value, hint), value
     if origin is list:
         return isinstance(value, list), value
+    if origin is tuple:  # YAML has lists; frozen configs keep tuples
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        if len(args) == 2 and args[1] is Ellipsis:
+            checked = [_type_ok(v, args[0]) for v in value]
+            return all(ok for ok, _ in checked), tuple(v for _, v in checked)
+        return True, tuple(value)
     return True, value
 
 

@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3.11-doc)   # real text for the quickstart (Python docs sources, PSF License)
+# Real text: the Python docs (quickstart; HTML pages for the corpus tests) and multilingual fortunes
+# (language ID tests).
+DEBIAN_PACKAGES=(python3.11-doc fortunes fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-ru)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
