@@ -17,7 +17,7 @@ setup(
     packages=["gptforge"] + [f"gptforge.{name}" for name in SUBPACKAGES],
     # The repository root is the ``gptforge`` package (its __init__.py); setuptools never packs setup.py.
     package_dir={"gptforge": "."} | {f"gptforge.{name}": name for name in SUBPACKAGES},
-    package_data={"gptforge.configs": ["*.yaml"], "gptforge.launcher": ["*.sh"]},
+    package_data={"gptforge.configs": ["*.yaml", "data/*.yaml", "data/*.txt"], "gptforge.launcher": ["*.sh"]},
     install_requires=[
         # Lower bounds that the CPU build of torch 2.13.0 satisfies; see README for the CPU install.
         "torch>=2.6",

@@ -1,6 +1,7 @@
 """``gptforge <command>``: the one console script.
 
-Commands: ``tokenizer train``, ``tokenize``, ``train``, ``plan``, ``files-to-jsonl``. Bad input ends with
+Commands: ``tokenizer train``, ``tokenize``, ``train``, ``plan``, ``files-to-jsonl``, ``dedup``,
+``corpus build``, ``corpus task``, ``quality train``. Bad input ends with
 ``error: ...`` lines naming the flag, key or file, and exit status 2, never a traceback
 (set GPTFORGE_DEBUG=1 to see one).
 """
@@ -11,6 +12,9 @@ import argparse
 import json
 import os
 import sys
+
+from gptforge.data_prep.corpus_cli import add_corpus_parsers
+from gptforge.data_prep.dedup_cli import add_dedup_parser
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -155,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True)
     p.add_argument("--min-chars", type=int, default=1)
     p.set_defaults(func=_cmd_files_to_jsonl)
+
+    add_dedup_parser(sub)
+    add_corpus_parsers(sub)
     return parser
 
 

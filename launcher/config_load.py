@@ -95,6 +95,10 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
         return isinstance(value, hint), value
     if origin is list:
         return isinstance(value, list), value
+    if origin in (set, frozenset):
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return False, value
+        return True, origin(value)
     if origin is tuple:  # YAML has lists; frozen configs keep tuples
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
