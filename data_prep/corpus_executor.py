@@ -70,9 +70,19 @@ def run_local(*, config_path: str, work_dir: str, stages: list[StageSpec], n_sha
         bar = tqdm(total=len(jobs), desc=f"{stage.name}", unit="task", disable=not progress, file=sys.stderr)
         failures = []
         if workers > 1 and len(jobs) > 1:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-                for index, error in pool.imap_unordered(_run_one, jobs):
+            # A pool that notices a worker killed from outside (the OOM killer): its tasks fail with
+            # BrokenProcessPool instead of waiting forever, and the build stops with a message.
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures.process import BrokenProcessPool
+
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
+                futures = {pool.submit(_run_one, job): job[2] for job in jobs}
+                for future in as_completed(futures):
                     bar.update()
+                    try:
+                        index, error = future.result()
+                    except BrokenProcessPool:
+                        index, error = futures[future], "its worker process died (killed, or out of memory)"
                     if error:
                         failures.append(f"{stage.name} task {index}: {error}")
         else:

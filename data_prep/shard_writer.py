@@ -35,6 +35,12 @@ class ShardWriter:
         self.path, self.fmt, self.count, self.bytes = path, fmt, 0, 0
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
+        # A writer of this shard that was killed left its temporary file: one task owns a shard, so
+        # whatever carries this shard's temporary prefix is stale.
+        prefix = f".{os.path.basename(path)}."
+        for name in os.listdir(directory):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                os.remove(os.path.join(directory, name))
         fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         self._raw = os.fdopen(fd, "wb")
         self._rows: list[dict] = []

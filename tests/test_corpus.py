@@ -245,3 +245,45 @@ def test_config_errors_are_all_reported_at_once(inputs, tmp_path):
                     "dedup.text_field: the corpus stages fix it", "executor.workers must be >= 1"):
         assert message in proc.stderr, (message, proc.stderr)
     assert "Traceback" not in proc.stderr
+
+
+def test_a_killed_build_resumes_to_the_same_corpus(built, inputs, tmp_path):
+    """SIGKILL in the middle of writing shard 3: no torn shard under a final name; the rerun redoes
+    only the unfinished tasks and the corpus equals an uninterrupted build's, byte for byte."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", inputs, out, executor={"workers": 1}, mlflow={"enabled": False})
+    env = dict(os.environ, GPTFORGE_TEST_FAULT="corpus-kill:write:3:5")
+    proc = subprocess.run(GPTFORGE + ["corpus", "build", "--config", cfg, "--quiet"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == -9
+    assert sorted(n for n in os.listdir(out) if n.endswith(".jsonl.zst")) == [f"0000{i}.jsonl.zst" for i in range(3)]
+    assert any(n.startswith(".00003.jsonl.zst.") for n in os.listdir(out))  # the torn temporary file
+    proc = corpus("build", "--config", cfg, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage write: 1 task(s) run, 3 already done" in proc.stdout
+    assert not any(n.startswith(".") for n in os.listdir(out))
+    want = {n: (built["out"] / n).read_bytes() for n in os.listdir(built["out"]) if n.endswith(".jsonl.zst")}
+    assert {n: (out / n).read_bytes() for n in want} == want
+
+
+def test_bad_input_is_counted_in_the_report(tmp_path):
+    import gzip
+
+    good = [json.dumps({"id": f"ok-{i}", "text": f"document {i}"}).encode() + b"\n" for i in range(3)]
+    data = good[0] + b"{not json\n" + good[1] + b'{"body": "no text field"}\n' + good[2] + b"\xff\xfe\n"
+    data += json.dumps({"id": "cut", "text": random.Random(0).randbytes(4000).hex()}).encode() + b"\n"
+    packed = gzip.compress(data)
+    (tmp_path / "bad.jsonl.gz").write_bytes(packed[: len(packed) - 50])  # the last record is cut off
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    cfg = {"input": {"paths": [str(tmp_path / "bad.jsonl.gz"), str(tmp_path / "empty.jsonl")]},
+           "output": {"dir": str(tmp_path / "out")}, "mlflow": {"enabled": False},
+           "stages": {"language": False, "gopher": False, "c4": False, "dedup": False}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = corpus("build", "--config", str(tmp_path / "cfg.yaml"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    filtered = report["stages"]["filter"]
+    assert filtered["skipped"] == {"invalid_json": 1, "missing_field_text": 1, "invalid_utf8": 1,
+                                   "truncated_or_corrupt_file": 1, "empty_file": 1}
+    assert filtered["skipped_examples"]["invalid_json"] == [f"{tmp_path / 'bad.jsonl.gz'}:2"]
+    assert sorted(read_output(tmp_path / "out")) == ["ok-0", "ok-1", "ok-2"]
