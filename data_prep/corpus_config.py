@@ -11,6 +11,7 @@ finished shards of another config would otherwise be mixed into the output.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -78,7 +79,7 @@ class QualityConfig:
 @dataclass(kw_only=True)
 class DecontaminateConfig:
     benchmarks: list[str] = field(default_factory=list)
-    """JSONL files of benchmark test examples to remove from the corpus."""
+    """JSONL files (or globs) of benchmark test examples to remove from the corpus."""
     fields: list[str] | None = None
     """Benchmark record fields to read (default: every string field)."""
     ngram: int = 13
@@ -177,8 +178,14 @@ def _validate(cfg: CorpusConfig, raw: dict, errors: list[str]) -> list[str]:
     if cfg.stages.decontaminate:
         if not cfg.decontaminate.benchmarks:
             errors.append("decontaminate.benchmarks: at least one JSONL file with stages.decontaminate")
-        errors.extend(f"decontaminate.benchmarks: no such file {p!r}" for p in cfg.decontaminate.benchmarks
-                      if not os.path.isfile(p))
+        found = []
+        for pattern in cfg.decontaminate.benchmarks:
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            missing = [m for m in matches if not os.path.isfile(m)]
+            if not matches or missing:
+                errors.append(f"decontaminate.benchmarks: no such file {pattern!r}")
+            found += matches
+        cfg.decontaminate.benchmarks = found
         if cfg.decontaminate.ngram < 1:
             errors.append(f"decontaminate.ngram must be >= 1, got {cfg.decontaminate.ngram}")
     if cfg.executor.workers < 1:

@@ -287,3 +287,20 @@ def test_bad_input_is_counted_in_the_report(tmp_path):
                                    "truncated_or_corrupt_file": 1, "empty_file": 1}
     assert filtered["skipped_examples"]["invalid_json"] == [f"{tmp_path / 'bad.jsonl.gz'}:2"]
     assert sorted(read_output(tmp_path / "out")) == ["ok-0", "ok-1", "ok-2"]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                           "data")) if n.endswith(".yaml")))
+def test_shipped_data_configs_are_valid(name, tmp_path):
+    """Every configs/data/*.yaml parses without error once its data files exist."""
+    from gptforge.data_prep.corpus_config import parse_corpus_config
+
+    raw = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "data", name)))
+    data = write_jsonl(str(tmp_path / "d.jsonl"), [{"id": "1", "text": "x"}])
+    raw["input"]["paths"] = [data]
+    if raw.get("quality", {}).get("model_path"):
+        raw["quality"]["model_path"] = data  # only its existence is checked here
+    if raw.get("decontaminate", {}).get("benchmarks"):
+        raw["decontaminate"]["benchmarks"] = [str(tmp_path / "*.jsonl")]
+    cfg, shards, errors = parse_corpus_config(raw)
+    assert errors == [] and shards == [data]
