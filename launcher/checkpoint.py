@@ -2,7 +2,8 @@
 
 Layout of ``<dir>/step_00000100/``: DCP shards + ``.metadata`` (model and optimizer, by fully
 qualified name, so another parallel layout can reshard them), ``trainer_state.json`` (step, tokens,
-data position, schedule, MLflow run id, model shape) and ``rng_rank{r}.pt`` (each rank's RNG states).
+data position, schedule, MLflow run id, the model config), ``tokenizer.model`` and ``rng_rank{r}.pt``
+(each rank's RNG states).
 
 A checkpoint is written under ``.tmp-step_...`` and renamed into place only after every rank finished
 and the files were fsynced, so a torn save is never picked up; ``keep_last`` complete ones are kept.
@@ -30,6 +31,7 @@ from gptforge.parallel.distributed import DistInfo, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
+TOKENIZER_FILE = "tokenizer.model"
 # Optimizer state and hyperparameters keyed per parameter name ("state.<fqn>.exp_avg",
 # "param_groups.<fqn>.lr"): ranks of different pipeline stages hold different parameter groups, and a
 # list of groups saved under one key would keep only one rank's copy.
@@ -87,7 +89,9 @@ class CheckpointManager:
         return steps[-1][1] if steps else None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-             engine=None, _die_before_rename: bool = False) -> str:
+             engine=None, files: dict[str, str] | None = None, _die_before_rename: bool = False) -> str:
+        """``files``: name -> path of small files copied in (the tokenizer), so a checkpoint is usable
+        on its own (generation, export)."""
         final = os.path.join(self.dir, f"step_{step:08d}")
         if is_complete(final):
             return final
@@ -102,6 +106,8 @@ class CheckpointManager:
         if _die_before_rename:  # fault injection (tests): a save torn after the shards were written
             os.kill(os.getpid(), signal.SIGKILL)
         if self.info.is_main:
+            for name, source in (files or {}).items():
+                shutil.copyfile(source, os.path.join(tmp, name))
             atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state | {"step": step})
             for name in os.listdir(tmp):
                 fsync_path(os.path.join(tmp, name))

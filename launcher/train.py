@@ -9,6 +9,7 @@ resumed run reproduces the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from gptforge.data_prep.atomic import atomic_write_json
 from gptforge.data_prep.gpt_data import build_gpt_datasets
-from gptforge.launcher.checkpoint import CheckpointManager
+from gptforge.launcher.checkpoint import TOKENIZER_FILE, CheckpointManager
 from gptforge.launcher.job import ResolvedJob
 from gptforge.launcher.train_metrics import MetricsLog, memory_metrics, plot_loss_curve
 from gptforge.launcher.tracking import Tracker, default_tracking_uri
@@ -156,7 +157,8 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         return {"tokens_seen": tokens_seen, "consumed_samples": consumed, "mlflow_run_id": mlflow_run_id,
                 "model_shape": job.model.shape_dict(), "world_size": info.world_size,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "config": job.flat_params()}
+                "config": job.flat_params(), "model_config": dataclasses.asdict(job.model),
+                "tokenizer_sha256": job.tokenizer_sha}
 
     stop = StopFlag()
     fault = _test_fault()
@@ -213,7 +215,8 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         (stop_votes,) = all_reduce_sum([1.0 if stop.requested else 0.0], info.device)
         if step % cfg.checkpoint.interval == 0 or last_step or stop_votes > 0:
             kill_in_save = fault is not None and fault == ("sigkill-in-save", step)
-            path = ckpt.save(step, model, optimizer, trainer_state(), engine=engine, _die_before_rename=kill_in_save)
+            path = ckpt.save(step, model, optimizer, trainer_state(), engine=engine,
+                             files={TOKENIZER_FILE: job.job.tokenizer.path}, _die_before_rename=kill_in_save)
             log(f"checkpoint {path}")
         if stop_votes > 0:
             log(f"stop requested by signal: saved step {step}, exiting")
