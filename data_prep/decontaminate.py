@@ -39,13 +39,13 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import xxhash
 
 from gptforge.data_prep.atomic import atomic_write_bytes
-from gptforge.data_prep.documents import JSONL_SUFFIXES, PARQUET_SUFFIXES, SkipLog, _open_lines
+from gptforge.data_prep.documents import JSONL_SUFFIXES, PARQUET_SUFFIXES, SkipLog, iter_records
 from gptforge.data_prep.web_document import WebDocument
 
 NGRAMS_FORMAT = "gptforge-benchmark-ngrams-v1"
@@ -106,29 +106,6 @@ def _strings(value) -> list[str]:
     return []
 
 
-def _benchmark_records(path: str, skips: SkipLog) -> Iterator[tuple[dict, str]]:
-    if path.endswith(PARQUET_SUFFIXES):
-        import pyarrow.parquet as pq
-
-        for row, record in enumerate((r for b in pq.ParquetFile(path).iter_batches() for r in b.to_pylist()), 1):
-            yield record, f"{path}:row {row}"
-        return
-    with _open_lines(path) as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                skips.add("invalid_json", where)
-                continue
-            if not isinstance(record, dict):
-                skips.add("not_an_object", where)
-                continue
-            yield record, where
-
-
 @dataclass(kw_only=True)
 class BenchmarkNgrams:
     """The hashed n-grams of a set of benchmark files (phase 1)."""
@@ -169,7 +146,7 @@ class BenchmarkNgrams:
         skips = skips if skips is not None else SkipLog()
         chunks, records = [], 0
         for path in paths:
-            for record, where in _benchmark_records(path, skips):
+            for record, where in iter_records(path, None, skips):
                 records += 1
                 if fields is None:
                     texts = _strings(record)

@@ -72,9 +72,10 @@ def iter_texts(path: str, text_field: str, skips: SkipLog) -> Iterator[str]:
         yield record[text_field]
 
 
-def iter_records(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[dict, str]]:
+def iter_records(path: str, text_field: str | None, skips: SkipLog) -> Iterator[tuple[dict, str]]:
     """Yield (record, location) for every valid record of one JSONL(.gz/.zst) or Parquet file: a dict
-    with a string ``text_field`` (all other fields unchanged); location is ``file:line`` / ``file:row N``."""
+    with a string ``text_field`` (all other fields unchanged; ``None``: any JSON object); location is
+    ``file:line`` / ``file:row N``."""
     if path.endswith(PARQUET_SUFFIXES):
         yield from _iter_parquet(path, text_field, skips)
     else:
@@ -120,7 +121,7 @@ def _open_lines(path: str):
     return open(path, "rb")
 
 
-def _iter_jsonl(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[dict, str]]:
+def _iter_jsonl(path: str, text_field: str | None, skips: SkipLog) -> Iterator[tuple[dict, str]]:
     import zstandard
 
     line_no = 0
@@ -140,7 +141,13 @@ def _iter_jsonl(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[di
                 except json.JSONDecodeError:
                     skips.add("invalid_json", where)
                     continue
-                if not isinstance(record, dict) or text_field not in record:
+                if not isinstance(record, dict):
+                    skips.add("not_an_object" if text_field is None else f"missing_field_{text_field}", where)
+                    continue
+                if text_field is None:
+                    yield record, where
+                    continue
+                if text_field not in record:
                     skips.add(f"missing_field_{text_field}", where)
                     continue
                 if not isinstance(record[text_field], str):
@@ -153,7 +160,7 @@ def _iter_jsonl(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[di
         skips.add("unreadable_file", f"{path} ({err.strerror or err})")
 
 
-def _iter_parquet(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[dict, str]]:
+def _iter_parquet(path: str, text_field: str | None, skips: SkipLog) -> Iterator[tuple[dict, str]]:
     import pyarrow.parquet as pq
 
     try:
@@ -161,14 +168,14 @@ def _iter_parquet(path: str, text_field: str, skips: SkipLog) -> Iterator[tuple[
     except Exception as err:  # pyarrow raises several types for a damaged file
         skips.add("unreadable_file", f"{path} ({err})")
         return
-    if text_field not in parquet.schema_arrow.names:
+    if text_field is not None and text_field not in parquet.schema_arrow.names:
         skips.add(f"missing_field_{text_field}", f"{path} (columns: {', '.join(parquet.schema_arrow.names)})")
         return
     row = 0
     for batch in parquet.iter_batches():
         for record in batch.to_pylist():
             row += 1
-            if not isinstance(record.get(text_field), str):
+            if text_field is not None and not isinstance(record.get(text_field), str):
                 skips.add(f"non_string_{text_field}", f"{path}:row {row}")
                 continue
             yield record, f"{path}:row {row}"
