@@ -1,7 +1,7 @@
 """``gptforge <command>``: the one console script.
 
 Commands: ``tokenizer train``, ``tokenize``, ``train``, ``plan``, ``files-to-jsonl``, ``dedup``,
-``corpus build``, ``corpus task``, ``quality train``. Bad input ends with
+``corpus build``, ``corpus task``, ``quality train``, ``generate``, ``eval``, ``finetune``. Bad input ends with
 ``error: ...`` lines naming the flag, key or file, and exit status 2, never a traceback
 (set GPTFORGE_DEBUG=1 to see one).
 """
@@ -15,6 +15,9 @@ import sys
 
 from gptforge.data_prep.corpus_cli import add_corpus_parsers
 from gptforge.data_prep.dedup_cli import add_dedup_parser
+from gptforge.launcher.evaluate import add_eval_parser
+from gptforge.launcher.finetune import add_finetune_parser
+from gptforge.launcher.generate import add_generate_parser
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -162,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dedup_parser(sub)
     add_corpus_parsers(sub)
+    add_generate_parser(sub)
+    add_eval_parser(sub)
+    add_finetune_parser(sub)
     return parser
 
 

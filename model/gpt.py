@@ -7,18 +7,83 @@ projection (``lm_head``) is tied to ``tok_embeddings.weight`` (GPT-2/3).
 
 Build pattern (large models): construct under ``torch.device("meta")``, parallelize, ``to_empty``, then
 ``init_weights()``; the constructor does not initialise anything by itself.
+
+Inference: ``forward_cached(tokens, cache, start_pos)`` runs the same blocks over only the new tokens,
+reading and extending a ``KVCache`` of earlier keys and values (one process, unsharded model: load a
+checkpoint of any layout with ``gptforge.launcher.trained_model.load_trained_model``). Training and the
+parallel code never touch it: ``forward`` and the module names stay as above.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gptforge.model.config import GPTConfig
+
+
+class LayerKV:
+    """Keys and values of one attention layer for positions [0, capacity) of a batch."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys  # [B, H, capacity, Dh]
+        self.values = values  # [B, H, capacity, Dh]
+
+    def write(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, Dh] at positions [start_pos, start_pos + T); return the keys and values
+        of every position up to there, [B, H, start_pos + T, Dh] each."""
+        end = start_pos + k.shape[2]
+        self.keys[:, :, start_pos:end] = k
+        self.values[:, :, start_pos:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer, so that each generated token costs one position's forward
+    instead of the whole sequence's. Preallocated to ``capacity`` positions (at most the context: the
+    position embeddings end there); positions [0, ``length``) hold valid entries."""
+
+    def __init__(self, layers: list[LayerKV], *, length: int = 0) -> None:
+        self.layers = layers
+        self.length = length
+
+    @classmethod
+    def allocate(cls, config: GPTConfig, *, batch_size: int, capacity: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``capacity`` positions (default: the context)."""
+        capacity = config.context_length if capacity is None else capacity
+        if not 1 <= capacity <= config.context_length:
+            raise ValueError(f"KV cache capacity must be in [1, model.context_length={config.context_length}], "
+                             f"got {capacity}")
+        if batch_size < 1:
+            raise ValueError(f"KV cache batch_size must be >= 1, got {batch_size}")
+        shape = (batch_size, config.n_head, capacity, config.head_dim)  # [B, H, capacity, Dh]
+
+        def zeros() -> torch.Tensor:
+            return torch.zeros(shape, device=device, dtype=dtype)
+
+        return cls([LayerKV(zeros(), zeros()) for _ in range(config.n_layer)])
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].keys.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].keys.shape[2]
+
+    def repeat(self, batch_size: int) -> KVCache:
+        """A new cache of ``batch_size`` rows, each a copy of this batch-1 cache: a prompt is prefilled
+        once and then continued as several independent sequences."""
+        if self.batch_size != 1:
+            raise ValueError(f"only a batch-1 KV cache can be repeated, this one has {self.batch_size} rows")
+        return KVCache([LayerKV(kv.keys.repeat(batch_size, 1, 1, 1), kv.values.repeat(batch_size, 1, 1, 1))
+                        for kv in self.layers], length=self.length)
 
 
 class Attention(nn.Module):
@@ -35,12 +100,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.local_window = config.local_window if config.is_sparse_layer(layer) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bsz, seq, _ = x.shape  # x: [B, T, D]
         # Heads derived from the (possibly tensor-parallel, hence local) projection width.
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape  # x: [B, T, D]
+        q, k, v = self._qkv(x)  # [B, H, T, Dh] each
         dropout_p = self.dropout if self.training else 0.0
         if self.local_window is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
@@ -51,12 +121,34 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # [B, T, D]
         return self.wo(out)
 
+    def forward_cached(self, x: torch.Tensor, kv: LayerKV, start_pos: int) -> torch.Tensor:
+        """x [B, T, D] holds positions [start_pos, start_pos + T); earlier positions come from ``kv``,
+        which is extended by these T. Same masks as ``forward``: causal, banded on sparse layers."""
+        bsz, seq, _ = x.shape  # x: [B, T, D]
+        q, k, v = self._qkv(x)  # [B, H, T, Dh] each
+        keys, values = kv.write(start_pos, k, v)  # [B, H, start_pos + T, Dh] each
+        mask = offset_causal_mask(start_pos, seq, self.local_window, x.device)  # [T, start_pos + T]
+        dropout_p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(bsz, seq, -1)  # [B, T, D]
+        return self.wo(out)
+
 
 def banded_causal_mask(seq: int, window: int, device: torch.device) -> torch.Tensor:
     """[T, T] boolean mask, True where query i may attend key j: i - window < j <= i."""
     idx = torch.arange(seq, device=device)
     diff = idx[:, None] - idx[None, :]  # [T, T] = i - j
     return (diff >= 0) & (diff < window)
+
+
+def offset_causal_mask(start_pos: int, seq: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[T, start_pos + T] boolean mask for queries at positions start_pos..start_pos+T-1 over keys at
+    0..start_pos+T-1: True where key j <= query i, and i - window < j when ``window`` is set."""
+    query = torch.arange(start_pos, start_pos + seq, device=device)
+    key = torch.arange(start_pos + seq, device=device)
+    diff = query[:, None] - key[None, :]  # [T, start_pos + T] = i - j
+    allowed = diff >= 0
+    return allowed & (diff < window) if window is not None else allowed
 
 
 class MLP(nn.Module):
@@ -81,11 +173,19 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._residual(x, self.attn)
+
+    def forward_cached(self, x: torch.Tensor, kv: LayerKV, start_pos: int) -> torch.Tensor:
+        """x [B, T, D] at positions [start_pos, start_pos + T), attending to the cached earlier ones."""
+        return self._residual(x, lambda h: self.attn.forward_cached(h, kv, start_pos))
+
+    def _residual(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        # One residual layout for training and cached inference, so the two cannot drift apart.
         if self.pre_norm:  # GPT-2/3: LayerNorm at the input of each sub-block
-            x = x + self.resid_dropout(self.attn(self.ln_1(x)))
+            x = x + self.resid_dropout(attend(self.ln_1(x)))
             return x + self.resid_dropout(self.mlp(self.ln_2(x)))
         # GPT-1: LayerNorm after each residual add
-        x = self.ln_1(x + self.resid_dropout(self.attn(x)))
+        x = self.ln_1(x + self.resid_dropout(attend(x)))
         return self.ln_2(x + self.resid_dropout(self.mlp(x)))
 
 
@@ -157,6 +257,33 @@ class GPT(nn.Module):
         """tokens [B, T] -> logits [B, T, padded_vocab]. Columns >= vocab_size are padding."""
         h = self.hidden_states(tokens, position_ids)
         return self.lm_head(h, self.tok_embeddings.weight)
+
+    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int, *,
+                       last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] at positions [start_pos, start_pos + T) -> logits [B, T, padded_vocab] (or
+        [B, 1, padded_vocab] for the last position with ``last_only``), equal to the matching rows of
+        ``forward`` over the whole sequence. Positions before start_pos come from ``cache``; these T are
+        written into it (overwriting anything from start_pos on) and ``cache.length`` becomes
+        start_pos + T."""
+        bsz, seq = tokens.shape
+        if bsz != cache.batch_size:
+            raise ValueError(f"forward_cached: {bsz} sequences but the KV cache holds {cache.batch_size}")
+        if not 0 <= start_pos <= cache.length:
+            raise ValueError(f"forward_cached: start_pos {start_pos} must be in [0, cache.length={cache.length}] "
+                             f"(positions before it must already be cached)")
+        if start_pos + seq > cache.capacity:
+            raise ValueError(f"forward_cached: positions up to {start_pos + seq} exceed the KV cache capacity "
+                             f"{cache.capacity} (at most model.context_length {self.config.context_length})")
+        positions = torch.arange(start_pos, start_pos + seq, device=tokens.device)  # [T]
+        x = self.embed(tokens, positions)  # [B, T, D]
+        for name, block in self.blocks.items():
+            x = block.forward_cached(x, cache.layers[int(name)], start_pos)
+        cache.length = start_pos + seq
+        if last_only:  # the final norm and the head act per position: only the last one is needed
+            x = x[:, -1:]  # [B, 1, D]
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.lm_head(x, self.tok_embeddings.weight)
 
 
 def param_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
