@@ -33,6 +33,7 @@ setup(
         "matplotlib>=3.8",
         "safetensors>=0.4",
         "transformers>=4.45",
+        "tokenizers>=0.20",  # GPT-2 byte-level BPE, and tokenizer.json exports of SentencePiece models
         # data_prep: WARC reading and HTML extraction (offline), .zst shards, the quality
         # classifier, fast non-cryptographic hashing for MinHash and exact dedup
         "resiliparse>=0.15",

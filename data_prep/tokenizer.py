@@ -1,5 +1,8 @@
 """SentencePiece BPE with byte fallback: GPT-2-like byte-level coverage, so no UTF-8 input is ever unknown.
 
+``Tokenizer(path)`` also runs GPT-2's byte-level BPE (``byte_bpe.py``, a ``tokenizer.json`` file): the
+kind is read from the file's content, so the rest of gptforge takes either one by path.
+
 Training keeps text as it is (identity normalisation, no dummy prefix, whitespace kept), so
 ``decode(encode(text)) == text`` for any string. ``<|endoftext|>`` is a control token: it separates
 documents in the token stream and is never produced from text.
@@ -14,35 +17,56 @@ from dataclasses import dataclass
 
 import sentencepiece as spm
 
+from gptforge.data_prep.byte_bpe import ByteBPE, is_tokenizers_json
 from gptforge.data_prep.documents import SkipLog, check_input_files, iter_texts
 
+SENTENCEPIECE = "sentencepiece"
+BYTE_BPE = "byte-bpe"
+TOKENIZER_KINDS = (SENTENCEPIECE, BYTE_BPE)
 EOD_TOKEN = "<|endoftext|>"
 # SentencePiece stores spaces as U+2581; a literal U+2581 in the text would decode as a space, so
 # the encoder emits that character through its three UTF-8 byte tokens instead.
 _SPACE_MARK = "\u2581"
 
 
+def tokenizer_kind(path: str) -> str:
+    """``byte-bpe`` for a tokenizers JSON file, ``sentencepiece`` otherwise (a binary model)."""
+    return BYTE_BPE if is_tokenizers_json(path) else SENTENCEPIECE
+
+
 class Tokenizer:
-    """A trained SentencePiece model with our conventions (byte fallback, EOD control token)."""
+    """A trained tokenizer with our conventions (no unknown input, EOD separator never produced from
+    text): SentencePiece BPE with byte fallback, or GPT-2's byte-level BPE (``kind``)."""
 
     def __init__(self, model_path: str) -> None:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist; train one with "
                                     f"'gptforge tokenizer train'")
         self.path = model_path
+        with open(model_path, "rb") as handle:
+            self.sha256 = hashlib.sha256(handle.read()).hexdigest()
+        self.kind = tokenizer_kind(model_path)
+        self._bpe: ByteBPE | None = None
+        if self.kind == BYTE_BPE:
+            self._bpe = ByteBPE(model_path)
+            self.sp = None
+            self.eod = self._bpe.eod
+            return
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
         self.eod = self.sp.piece_to_id(EOD_TOKEN)
         if self.sp.id_to_piece(self.eod) != EOD_TOKEN:
             raise ValueError(f"tokenizer {model_path!r} has no {EOD_TOKEN} token; was it trained by gptforge?")
         self._mark_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
-        with open(model_path, "rb") as handle:
-            self.sha256 = hashlib.sha256(handle.read()).hexdigest()
 
     @property
     def vocab_size(self) -> int:
+        if self._bpe is not None:
+            return self._bpe.vocab_size
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
+        if self._bpe is not None:
+            return self._bpe.encode(text)
         if _SPACE_MARK not in text:
             return self.sp.encode(text)
         ids: list[int] = []
@@ -54,9 +78,13 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._bpe is not None:
+            return self._bpe.encode_batch(texts)
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
+        if self._bpe is not None:
+            return self._bpe.decode(ids)
         # Decode runs of ordinary pieces with SentencePiece; the byte tokens we emitted for U+2581
         # are turned back into that character here (SentencePiece would make them a space).
         out: list[str] = []
@@ -77,7 +105,7 @@ class Tokenizer:
 
     def describe(self) -> dict:
         return {"path": os.path.abspath(self.path), "sha256": self.sha256, "vocab_size": self.vocab_size,
-                "eod": self.eod}
+                "eod": self.eod, "kind": self.kind}
 
 
 @dataclass(kw_only=True)
@@ -154,3 +182,24 @@ def train_tokenizer(
     tokenizer = Tokenizer(output_prefix + ".model")
     return TokenizerTrainResult(model_path=output_prefix + ".model", vocab_size=tokenizer.vocab_size,
                                 documents=documents, skips=skips)
+
+
+def train_tokenizer_of_kind(kind: str, inputs: list[str], output_prefix: str, *, vocab_size: int,
+                            text_field: str = "text", max_documents: int | None = None,
+                            num_threads: int = 1) -> TokenizerTrainResult:
+    """``gptforge tokenizer train --kind KIND``: SentencePiece (``PREFIX.model``) or GPT-2's byte-level
+    BPE (``PREFIX.json``, with ``PREFIX.vocab.json`` and ``PREFIX.merges.txt`` beside it)."""
+    if kind == SENTENCEPIECE:
+        return train_tokenizer(inputs, output_prefix, vocab_size=vocab_size, text_field=text_field,
+                               max_documents=max_documents, num_threads=num_threads)
+    if kind != BYTE_BPE:
+        raise ValueError(f"tokenizer train: --kind must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
+    if num_threads != 1:
+        raise ValueError("tokenizer train: --threads applies to --kind sentencepiece only (byte-bpe training "
+                         "uses the tokenizers library's thread pool, sized by RAYON_NUM_THREADS)")
+    from gptforge.data_prep.byte_bpe import train_byte_bpe
+
+    result = train_byte_bpe(inputs, output_prefix, vocab_size=vocab_size, text_field=text_field,
+                            max_documents=max_documents)
+    return TokenizerTrainResult(model_path=result.model_path, vocab_size=result.vocab_size,
+                                documents=result.documents, skips=result.skips)

@@ -2,8 +2,11 @@
 
 Layout of ``<dir>/step_00000100/``: DCP shards + ``.metadata`` (model and optimizer, by fully
 qualified name, so another parallel layout can reshard them), ``trainer_state.json`` (step, tokens,
-data position, schedule, MLflow run id, the model config), ``tokenizer.model`` and ``rng_rank{r}.pt``
-(each rank's RNG states).
+data position, schedule, MLflow run id, the model config), the tokenizer (``tokenizer.model`` for
+SentencePiece, ``tokenizer.json`` for byte-level BPE) and ``rng_rank{r}.pt`` (each rank's RNG states).
+
+A checkpoint whose ``trainer_state.json`` says ``"weights_only": true`` (written by ``gptforge
+import-hf``) starts training from its weights with a fresh optimizer and the run's own RNG seed.
 
 A checkpoint is written under ``.tmp-step_...`` and renamed into place only after every rank finished
 and the files were fsynced, so a torn save is never picked up; ``keep_last`` complete ones are kept.
@@ -23,7 +26,8 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from gptforge.data_prep.atomic import atomic_write_json, fsync_path
 from gptforge.parallel import deepspeed_engine
@@ -32,6 +36,9 @@ from gptforge.parallel.distributed import DistInfo, barrier
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.model"
+# The checkpoint's copy of the tokenizer is named for its kind, so the file says what it holds;
+# ``Tokenizer`` reads the kind from the content, so a copy under the other name still loads.
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "byte-bpe": "tokenizer.json"}
 # Optimizer state and hyperparameters keyed per parameter name ("state.<fqn>.exp_avg",
 # "param_groups.<fqn>.lr"): ranks of different pipeline stages hold different parameter groups, and a
 # list of groups saved under one key would keep only one rank's copy.
@@ -44,6 +51,22 @@ class CheckpointMismatchError(ValueError):
 
 def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def tokenizer_file_name(tokenizer_path: str) -> str:
+    """The name a checkpoint gives its copy of the tokenizer at ``tokenizer_path``."""
+    from gptforge.data_prep.tokenizer import tokenizer_kind
+
+    return TOKENIZER_FILES[tokenizer_kind(tokenizer_path)]
+
+
+def find_tokenizer(step_dir: str) -> str | None:
+    """The tokenizer file of the checkpoint folder ``step_dir`` (either kind), or None."""
+    for name in TOKENIZER_FILES.values():
+        path = os.path.join(step_dir, name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def rng_state() -> dict:
@@ -135,8 +158,15 @@ class CheckpointManager:
                 f"checkpoint {path!r} holds a model of another shape ({'; '.join(diffs)}); resume with the "
                 f"config it was trained with, or start a new run.dir / --resume none"
             )
-        if engine is not None:
+        weights_only = bool(state.get("weights_only"))
+        if engine is not None:  # an imported checkpoint holds zero Adam moments at step 0 for this reader
             deepspeed_engine.load_full_state_dicts(engine, model, path)
+        elif weights_only:
+            # The optimizer keeps its fresh state and the hyperparameters of this run's config.
+            model_sd, _ = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
+            target = {"model": model_sd}
+            dcp.load(target, checkpoint_id=path)
+            set_model_state_dict(model, target["model"], options=STATE_DICT_OPTIONS)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
             target = {"model": model_sd, "optim": optim_sd}
@@ -146,7 +176,8 @@ class CheckpointManager:
         rng_path = os.path.join(path, f"rng_rank{self.info.rank}.pt")
         if os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=False))
-        else:  # resumed on more ranks than saved it: weights and data position are exact, dropout is not
+        elif not weights_only:
+            # Resumed on more ranks than saved it: weights and data position are exact, dropout is not.
             warnings.warn(f"{rng_path} not found (checkpoint written by {state.get('world_size')} ranks); "
                           f"rank {self.info.rank} keeps its freshly seeded RNG")
         return state

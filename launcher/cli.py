@@ -1,7 +1,8 @@
 """``gptforge <command>``: the one console script.
 
 Commands: ``tokenizer train``, ``tokenize``, ``train``, ``plan``, ``files-to-jsonl``, ``dedup``,
-``corpus build``, ``corpus task``, ``quality train``, ``generate``, ``eval``, ``finetune``. Bad input ends with
+``corpus build``, ``corpus task``, ``quality train``, ``generate``, ``eval``, ``finetune``,
+``export-hf``, ``import-hf``. Bad input ends with
 ``error: ...`` lines naming the flag, key or file, and exit status 2, never a traceback
 (set GPTFORGE_DEBUG=1 to see one).
 """
@@ -18,16 +19,7 @@ from gptforge.data_prep.dedup_cli import add_dedup_parser
 from gptforge.launcher.evaluate import add_eval_parser
 from gptforge.launcher.finetune import add_finetune_parser
 from gptforge.launcher.generate import add_generate_parser
-
-
-def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from gptforge.data_prep.tokenizer import train_tokenizer
-
-    result = train_tokenizer(args.input, args.output, vocab_size=args.vocab_size, text_field=args.text_field,
-                             max_documents=args.max_documents, num_threads=args.threads)
-    print(f"tokenizer {result.model_path}: vocab {result.vocab_size}, trained on {result.documents} documents; "
-          f"{result.skips.summary()}")
-    return 0
+from gptforge.launcher.hf_cli import add_hf_parsers, add_tokenizer_kind_argument, cmd_tokenizer_train
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
@@ -97,19 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="tokenizer_command", required=True)
-    p = tok.add_parser("train", help="train a SentencePiece BPE model with byte fallback and <|endoftext|>")
+    p = tok.add_parser("train", help="train a tokenizer with <|endoftext|>: SentencePiece BPE with byte fallback "
+                                     "(default) or GPT-2's byte-level BPE")
     p.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl/.jsonl.gz) or Parquet files")
-    p.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--output", required=True, help="output prefix: PREFIX.model (+.vocab) for sentencepiece; "
+                                                    "PREFIX.json, PREFIX.vocab.json, PREFIX.merges.txt for byte-bpe")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--text-field", default="text")
     p.add_argument("--max-documents", type=int, default=None, help="train on at most this many documents")
     p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_cmd_tokenizer_train)
+    add_tokenizer_kind_argument(p)
+    p.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("tokenize", help="JSONL/Parquet documents -> Megatron indexed dataset (.bin/.idx)")
     p.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl/.jsonl.gz) or Parquet files")
     p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
-    p.add_argument("--tokenizer", required=True, help="SentencePiece .model from 'gptforge tokenizer train'")
+    p.add_argument("--tokenizer", required=True, help="a .model or byte-BPE .json from 'gptforge tokenizer train'")
     p.add_argument("--text-field", default="text")
     p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     p.add_argument("--no-eod", action="store_true", help="do not append <|endoftext|> after each document")
@@ -165,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dedup_parser(sub)
     add_corpus_parsers(sub)
+    add_hf_parsers(sub)
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_finetune_parser(sub)

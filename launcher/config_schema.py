@@ -143,7 +143,8 @@ class RunConfig:
 @dataclass(kw_only=True)
 class TokenizerConfig:
     path: str
-    """A SentencePiece ``.model`` from ``gptforge tokenizer train``; it fixes the vocabulary size."""
+    """A SentencePiece ``.model`` or byte-level BPE ``.json`` from ``gptforge tokenizer train``; it fixes
+    the vocabulary size."""
 
 
 @dataclass(kw_only=True)

@@ -108,7 +108,7 @@ def read_token_stream(prefix: str, tokenizer_sha: str, split: str | None, max_to
         raise ValueError(f"--data {prefix}: {err}") from None
     if meta.get("tokenizer", {}).get("sha256") != tokenizer_sha:
         raise ValueError(f"--data {prefix}: tokenized with {meta.get('tokenizer', {}).get('path')}, not with the "
-                         f"checkpoint's tokenizer; re-run 'gptforge tokenize' with the checkpoint's tokenizer.model")
+                         f"checkpoint's tokenizer; re-run 'gptforge tokenize' with the checkpoint's tokenizer file")
     _, _, indexed_dataset = import_megatron_datasets()
     index = indexed_dataset.IndexedDataset(prefix, mmap=True)
     begin, end = document_range(len(index), split)

@@ -143,13 +143,13 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 def write_checkpoint(directory: str, model: GPT, tokenizer_path: str, state: dict,
                      extra: dict[str, object] | None = None) -> str:
     """Write ``model`` as a gptforge checkpoint folder that ``load_trained_model`` reads (weights by
-    parameter name, ``trainer_state.json`` with the model config, ``tokenizer.model``), plus ``extra``
+    parameter name, ``trainer_state.json`` with the model config, the tokenizer), plus ``extra``
     files (name -> object; ``.json`` names as JSON, others with ``torch.save``). Written beside
     ``directory`` under a temporary name, fsynced and renamed, so a reader never sees a partial one."""
     import torch.distributed.checkpoint as dcp
 
     from gptforge.data_prep.atomic import atomic_write_json, fsync_path
-    from gptforge.launcher.checkpoint import STATE_FILE, TOKENIZER_FILE
+    from gptforge.launcher.checkpoint import STATE_FILE, tokenizer_file_name
 
     parent, name = os.path.split(os.path.abspath(directory))
     tmp, old = os.path.join(parent, f".tmp-{name}"), os.path.join(parent, f".old-{name}")
@@ -159,7 +159,7 @@ def write_checkpoint(directory: str, model: GPT, tokenizer_path: str, state: dic
     with warnings.catch_warnings():  # one process is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model.state_dict()}, checkpoint_id=tmp, no_dist=True)
-    shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
+    shutil.copyfile(tokenizer_path, os.path.join(tmp, tokenizer_file_name(tokenizer_path)))
     for file_name, obj in (extra or {}).items():
         if file_name.endswith(".json"):
             atomic_write_json(os.path.join(tmp, file_name), obj)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from gptforge.data_prep.atomic import atomic_write_json
 from gptforge.data_prep.gpt_data import build_gpt_datasets
-from gptforge.launcher.checkpoint import TOKENIZER_FILE, CheckpointManager
+from gptforge.launcher.checkpoint import CheckpointManager, tokenizer_file_name
 from gptforge.launcher.job import ResolvedJob
 from gptforge.launcher.train_metrics import MetricsLog, memory_metrics, plot_loss_curve
 from gptforge.launcher.tracking import Tracker, default_tracking_uri
@@ -215,8 +215,9 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
         (stop_votes,) = all_reduce_sum([1.0 if stop.requested else 0.0], info.device)
         if step % cfg.checkpoint.interval == 0 or last_step or stop_votes > 0:
             kill_in_save = fault is not None and fault == ("sigkill-in-save", step)
-            path = ckpt.save(step, model, optimizer, trainer_state(), engine=engine,
-                             files={TOKENIZER_FILE: job.job.tokenizer.path}, _die_before_rename=kill_in_save)
+            tokenizer_copy = {tokenizer_file_name(job.job.tokenizer.path): job.job.tokenizer.path}
+            path = ckpt.save(step, model, optimizer, trainer_state(), engine=engine, files=tokenizer_copy,
+                             _die_before_rename=kill_in_save)
             log(f"checkpoint {path}")
         if stop_votes > 0:
             log(f"stop requested by signal: saved step {step}, exiting")

@@ -2,7 +2,8 @@
 export, evaluation, fine-tuning start from here).
 
 A checkpoint holds the weights by parameter name (torch.distributed.checkpoint), the model config and
-the tokenizer (``trainer_state.json``, ``tokenizer.model``): nothing else is needed to rebuild it.
+the tokenizer (``trainer_state.json``, ``tokenizer.model`` or ``tokenizer.json``): nothing else is
+needed to rebuild it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptforge.launcher.checkpoint import STATE_FILE, TOKENIZER_FILE, is_complete
+from gptforge.launcher.checkpoint import STATE_FILE, TOKENIZER_FILES, find_tokenizer, is_complete
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
 
@@ -56,9 +57,9 @@ def load_trained_model(path: str, device: str | torch.device = "cpu") -> Trained
         raise ValueError(f"checkpoint {step_dir!r} has no model config (written by an older gptforge); "
                          f"resume training once to write a new checkpoint")
     config = GPTConfig(**state["model_config"])
-    tokenizer_path = os.path.join(step_dir, TOKENIZER_FILE)
-    if not os.path.isfile(tokenizer_path):
-        raise ValueError(f"checkpoint {step_dir!r} has no {TOKENIZER_FILE}")
+    tokenizer_path = find_tokenizer(step_dir)
+    if tokenizer_path is None:
+        raise ValueError(f"checkpoint {step_dir!r} has no tokenizer ({' or '.join(TOKENIZER_FILES.values())})")
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
