@@ -17,6 +17,13 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: str) -> None:
+    """Flush every file directly in ``folder``, then the folder itself (before renaming it into place)."""
+    for name in os.listdir(folder):
+        fsync_path(os.path.join(folder, name))
+    fsync_path(folder)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

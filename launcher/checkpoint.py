@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from gptforge.data_prep.atomic import atomic_write_json, fsync_path
+from gptforge.data_prep.atomic import atomic_write_json, fsync_path, fsync_tree
 from gptforge.parallel import deepspeed_engine
 from gptforge.parallel.distributed import DistInfo, barrier
 
@@ -132,9 +132,7 @@ class CheckpointManager:
             for name, source in (files or {}).items():
                 shutil.copyfile(source, os.path.join(tmp, name))
             atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state | {"step": step})
-            for name in os.listdir(tmp):
-                fsync_path(os.path.join(tmp, name))
-            fsync_path(tmp)
+            fsync_tree(tmp)
             os.replace(tmp, final)
             fsync_path(self.dir)
             for _, old in self.complete_steps()[: -self.keep_last]:

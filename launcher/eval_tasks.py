@@ -16,13 +16,14 @@ Everything here is pure (strings, token lists, tensors): the model runs in ``eva
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from gptforge.data_prep.documents import strict_json_lines
 
 TASK_TYPES = ("lambada", "multiple_choice")
 SPLITS = ("train", "test")
@@ -115,22 +116,7 @@ def _parse_example(obj: dict, task_type: str, path: str, line: int) -> tuple[str
 
 def load_task(path: str) -> Task:
     """Read and check a task file; every problem names the file, the line and the field."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise TaskFileError(f"--task {path}: cannot read it as UTF-8 text ({err})") from None
-    rows = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise TaskFileError(f"{path} line {number}: not JSON ({err.msg})") from None
-        if not isinstance(obj, dict):
-            raise TaskFileError(f"{path} line {number}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((number, obj))
+    rows = strict_json_lines(path, TaskFileError)
     if not rows:
         raise TaskFileError(f"{path}: empty task file (line 1 must be the header)")
     number, header = rows[0]

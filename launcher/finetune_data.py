@@ -13,11 +13,11 @@ token ``[s]``, a delimiter ``$`` and an extract token ``[e]`` whose final hidden
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Literal
+
+from gptforge.data_prep.documents import strict_json_lines
 
 TASK_ROLES: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
@@ -171,20 +171,7 @@ def read_records(path: str, split: str) -> list[tuple[str, dict]]:
             # Line 1 is the header, so data row i is line i + 1.
             return [(f"{path} line {i}", row) for i, row in enumerate(reader, start=2)]
     if lower.endswith((".jsonl", ".jsonl.gz", ".json")):
-        opener = gzip.open if lower.endswith(".gz") else open
-        records = []
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path} line {number}: not JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path} line {number}: expected a JSON object")
-                records.append((f"{path} line {number}", obj))
-        return records
+        return [(f"{path} line {number}", obj) for number, obj in strict_json_lines(path)]
     raise ValueError(f"{path}: unknown data format (expected .jsonl, .jsonl.gz, .csv, .tsv or a datasets folder)")
 
 

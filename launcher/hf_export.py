@@ -23,7 +23,7 @@ import shutil
 
 import torch
 
-from gptforge.data_prep.atomic import fsync_path
+from gptforge.data_prep.atomic import fsync_path, fsync_tree
 from gptforge.data_prep.tokenizer import Tokenizer
 from gptforge.launcher.hf_tokenizer import write_hf_tokenizer
 from gptforge.model.config import GPTConfig
@@ -158,9 +158,7 @@ def export_hf(checkpoint: str, out: str, *, overwrite: bool = False, verify: boo
             handle.write(_readme(out, trained.checkpoint, trained.state, trained.config, tokenizer_section))
         if verify:
             verify_export(tmp, trained.model)
-        for entry in os.listdir(tmp):
-            fsync_path(os.path.join(tmp, entry))
-        fsync_path(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from gptforge.data_prep.atomic import atomic_write_json, fsync_path
+from gptforge.data_prep.atomic import atomic_write_json, fsync_path, fsync_tree
 from gptforge.data_prep.byte_bpe import ByteBPE, byte_bpe_from_vocab_and_merges
 from gptforge.data_prep.tokenizer import Tokenizer
 from gptforge.launcher.checkpoint import STATE_FILE, TOKENIZER_FILES
@@ -172,9 +172,7 @@ def import_hf(folder: str, run_dir: str, *, pad_vocab_multiple: int = 1) -> str:
                  "model_config": dataclasses.asdict(config), "tokenizer_sha256": Tokenizer(tokenizer_path).sha256,
                  "weights_only": True, "imported_from": os.path.abspath(folder)}
         atomic_write_json(os.path.join(tmp, STATE_FILE), state)
-        for entry in os.listdir(tmp):
-            fsync_path(os.path.join(tmp, entry))
-        fsync_path(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
