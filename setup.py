@@ -42,7 +42,9 @@ setup(
         "xxhash>=3.4",
         "py3langid>=0.3",  # language ID with a bundled model and probability scores
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100",
+                             # runs the evaluation harness on exported folders (tests/test_lm_eval_harness.py)
+                             "lm-eval[hf]>=0.4.13"],
                     # bench/ only: the reference implementation the dedup benchmark runs beside ours
                     "bench": ["datasketch>=1.6"]},
     entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli:main"]},
