@@ -277,7 +277,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             loss.backward()
             optimizer.step()
             step += 1
-            last = {"loss": float(loss), "task_loss": float(task_loss), "lr": lr}
+            last = {"loss": float(loss.detach()), "task_loss": float(task_loss.detach()), "lr": lr}
             if aux is not None:
                 last["lm_loss"] = float(aux)
             if step % t.log_interval == 0 or step == total:
