@@ -1,13 +1,26 @@
-"""gptforge dedup (phases 1 + 2, one worker) vs datasketch MinHash + MinHashLSH on the same corpus.
+"""gptforge dedup vs datasketch MinHash + MinHashLSH on the same corpus, side by side in one process.
 
 The corpus: ``--docs`` generated documents (words drawn from the stdlib docstring vocabulary with a seeded
 RNG, 200-600 words each) plus planted near-duplicate pairs of exact word-5-gram Jaccard: positives at
 0.85, 0.9, 0.95 (should be found at threshold 0.8) and negatives at 0.5, 0.6, 0.7 (should not).
-Both sides read the same JSONL, use the same words (``normalize_text``), the same 5-gram shingles,
-num_perm and threshold; datasketch's LSH gets the bands/rows it picks itself (the same weighted-area
-rule). Recall: planted positives linked; precision: linked pairs that are planted positives.
 
-    .venv/bin/python bench/dedup_vs_datasketch.py --docs 4000
+Both sides use the same words (``normalize_text``), the same 5-gram shingles, num_perm and threshold.
+datasketch runs its documented bulk path (``MinHash.generator``: permutations built once, not per
+document) into a ``MinHashLSH`` with the (bands, rows) it picks itself (query, then insert);
+gptforge runs with ``DedupConfig`` defaults. Two timed regions, both sides doing the same work in each:
+
+* ``in_memory``: from the same list of already-read, already-normalised texts to near-duplicate links:
+  gptforge ``MinHasher.batch`` per batch (cut as phase 1 cuts them) + ``near_duplicate_labels``;
+  datasketch splits words, builds shingle byte strings, ``update_batch``, query + insert.
+* ``end_to_end``: from the JSONL file: gptforge phases 1 + 2 (``compute_signatures`` +
+  ``cluster_signatures``, writing their ``.npz`` files); datasketch reads the records with the same
+  reader and takes the words of ``normalize_text`` (NFKC, lowercase, ``str.split``), then as above.
+
+Times are CPU seconds of this process (``time.process_time``: per core, and less disturbed by other
+jobs on a shared machine than wall time), the median of ``--trials`` runs that alternate the sides.
+Recall: planted positives linked; precision: linked pairs that are planted positives.
+
+    .venv/bin/python bench/dedup_vs_datasketch.py --docs 4000 --trials 3
 """
 
 from __future__ import annotations
@@ -17,15 +30,21 @@ import json
 import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
+import unicodedata
+
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from conftest import stdlib_docstrings  # noqa: E402
-from gptforge.data_prep.dedup import DedupConfig, cluster_signatures, compute_signatures, normalize_text  # noqa: E402
+from gptforge.data_prep.dedup import (DedupConfig, cluster_signatures, compute_signatures,  # noqa: E402
+                                      near_duplicate_labels, normalize_text)
 from gptforge.data_prep.documents import SkipLog, iter_records  # noqa: E402
+from gptforge.data_prep.minhash import MinHasher  # noqa: E402
 
 POSITIVE = (0.85, 0.9, 0.95)
 NEGATIVE = (0.5, 0.6, 0.7)
@@ -64,47 +83,86 @@ def score(links: set[frozenset], planted: list[tuple[str, str, float]]) -> dict:
             "links": len(links), "linked_fraction_by_jaccard": per_level}
 
 
-def run_ours(path: str, work: str, num_perm: int, threshold: float) -> tuple[float, set[frozenset], int]:
-    config = DedupConfig(num_perm=num_perm, threshold=threshold, url=False, exact=False)
-    start = time.perf_counter()
-    shard = compute_signatures(path, os.path.join(work, "sig.npz"), config)
-    summary = cluster_signatures([os.path.join(work, "sig.npz")], os.path.join(work, "rm.npz"), config)
-    seconds = time.perf_counter() - start
-    import numpy as np
+def _links(ids: list[str], labels: np.ndarray) -> set[frozenset]:
+    """Each fuzzy-removed document linked to its cluster's first document (the survivor)."""
+    return {frozenset((ids[k], ids[first])) for k, first in enumerate(labels.tolist()) if first != k}
 
+
+def ours_in_memory(ids: list[str], texts: list[bytes], config: DedupConfig) -> tuple[float, set[frozenset], tuple]:
+    start = time.process_time()
+    hasher = MinHasher(num_perm=config.num_perm, ngram=config.ngram, seed=config.seed)
+    parts, batch, size = [], [], 0  # batches cut as compute_signatures cuts them
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if config.batch_full(len(batch), size):
+            parts.append(hasher.batch(batch))
+            batch, size = [], 0
+    if batch:
+        parts.append(hasher.batch(batch))
+    signatures = np.concatenate([sig for sig, _ in parts])  # [n_docs, num_perm] uint32
+    members = np.flatnonzero(np.concatenate([has for _, has in parts]))
+    shape = config.lsh_shape()
+    labels, candidates, rejected = near_duplicate_labels(signatures[members], config, shape)
+    seconds = time.process_time() - start
+    kept_ids = [ids[k] for k in members.tolist()]
+    return seconds, _links(kept_ids, labels), (*shape, candidates, rejected)
+
+
+def ours_end_to_end(path: str, work: str, config: DedupConfig) -> tuple[float, set[frozenset]]:
+    start = time.process_time()
+    compute_signatures(path, os.path.join(work, "sig.npz"), config)
+    cluster_signatures([os.path.join(work, "sig.npz")], os.path.join(work, "rm.npz"), config)
+    seconds = time.process_time() - start
     with np.load(os.path.join(work, "rm.npz")) as rm:
         blobs = {key: rm[key] for key in rm.files}
-    def ids(prefix):
+
+    def ids(prefix: str) -> list[str]:
         blob, offsets = blobs[f"{prefix}_id_blob"], blobs[f"{prefix}_id_offsets"]
         return [blob[offsets[k]:offsets[k + 1]].tobytes().decode() for k in range(len(offsets) - 1)]
-    links = {frozenset(pair) for pair in zip(ids("removed"), ids("survivor"))}
-    print(f"ours: bands x rows = {summary.bands} x {summary.rows}, {summary.candidate_pairs} candidates, "
-          f"{summary.rejected_pairs} rejected by verification")
-    return seconds, links, shard.records
+
+    return seconds, {frozenset(pair) for pair in zip(ids("removed"), ids("survivor"))}
 
 
-def run_datasketch(path: str, num_perm: int, threshold: float, batch: bool, limit: int | None):
+def _shingles(words: list[str], ngram: int) -> list[bytes]:
+    """datasketch's input: the word n-grams as UTF-8 byte strings (one n-gram if fewer words)."""
+    return [" ".join(words[i:i + ngram]).encode("utf-8") for i in range(max(len(words) - ngram + 1, 1))]
+
+
+def datasketch_links(docs, num_perm: int, threshold: float, ngram: int):
+    """datasketch over an iterable of (id, words): (links, (bands, rows))."""
     from datasketch import MinHash, MinHashLSH
 
-    start = time.perf_counter()
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    links, n = set(), 0
-    for record, _ in iter_records(path, "text", SkipLog()):
-        if limit is not None and n >= limit:
-            break
-        words = normalize_text(record["text"]).decode("utf-8").split()
-        shingles = [" ".join(words[i:i + 5]).encode("utf-8") for i in range(max(len(words) - 4, 1))]
-        sketch = MinHash(num_perm=num_perm)
-        if batch:
-            sketch.update_batch(shingles)
-        else:
-            for shingle in shingles:
-                sketch.update(shingle)
-        for other in lsh.query(sketch):  # earlier documents in the same bucket
-            links.add(frozenset((record["id"], other)))
-        lsh.insert(record["id"], sketch)
-        n += 1
-    return time.perf_counter() - start, links, n, lsh.b, lsh.r
+    links, ids = set(), []
+
+    def shingle_lists():
+        for doc_id, words in docs:
+            ids.append(doc_id)
+            yield _shingles(words, ngram)
+
+    for sketch in MinHash.generator(shingle_lists(), num_perm=num_perm):
+        doc_id = ids[-1]  # the generator pulls one document per sketch
+        for other in lsh.query(sketch):  # earlier documents sharing a band
+            links.add(frozenset((doc_id, other)))
+        lsh.insert(doc_id, sketch)
+    return links, (lsh.b, lsh.r)
+
+
+def datasketch_in_memory(ids, texts, num_perm, threshold, ngram):
+    start = time.process_time()
+    docs = ((doc_id, text.decode("utf-8").split()) for doc_id, text in zip(ids, texts))
+    links, shape = datasketch_links(docs, num_perm, threshold, ngram)
+    return time.process_time() - start, links, shape
+
+
+def datasketch_end_to_end(path, num_perm, threshold, ngram):
+    start = time.process_time()
+    # the words of normalize_text, without its join (datasketch needs the words, not the text)
+    docs = ((record["id"], unicodedata.normalize("NFKC", record["text"]).lower().split())
+            for record, _ in iter_records(path, "text", SkipLog()))
+    links, shape = datasketch_links(docs, num_perm, threshold, ngram)
+    return time.process_time() - start, links, shape
 
 
 def main() -> None:
@@ -113,24 +171,44 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=50, help="planted pairs per Jaccard level")
     parser.add_argument("--num-perm", type=int, default=128)
     parser.add_argument("--threshold", type=float, default=0.8)
-    parser.add_argument("--update-docs", type=int, default=500,
-                        help="documents timed with datasketch's per-shingle update() (slow)")
+    parser.add_argument("--trials", type=int, default=3, help="timed runs per side and region (median)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    config = DedupConfig(num_perm=args.num_perm, threshold=args.threshold, url=False, exact=False)
+    times: dict[str, list[float]] = {key: [] for key in ("ours_mem", "ds_mem", "ours_e2e", "ds_e2e")}
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "corpus.jsonl")
         planted = build_corpus(path, args.docs, args.pairs, args.seed)
-        ours_s, ours_links, n = run_ours(path, work, args.num_perm, args.threshold)
-        ds_s, ds_links, _, b, r = run_datasketch(path, args.num_perm, args.threshold, batch=True, limit=None)
-        upd_s, _, upd_n, _, _ = run_datasketch(path, args.num_perm, args.threshold, batch=False,
-                                               limit=args.update_docs)
-    ours_rate, ds_rate, upd_rate = n / ours_s, n / ds_s, upd_n / upd_s
+        records = [record for record, _ in iter_records(path, "text", SkipLog())]
+        ids = [record["id"] for record in records]
+        texts = [normalize_text(record["text"]) for record in records]
+        for _ in range(args.trials):  # alternate the sides so load changes on the machine hit both
+            seconds, ours_links, ours_shape = ours_in_memory(ids, texts, config)
+            times["ours_mem"].append(seconds)
+            seconds, ds_links, ds_shape = datasketch_in_memory(ids, texts, args.num_perm, args.threshold, config.ngram)
+            times["ds_mem"].append(seconds)
+            seconds, e2e_links = ours_end_to_end(path, work, config)
+            times["ours_e2e"].append(seconds)
+            if e2e_links != ours_links:
+                raise AssertionError("gptforge end-to-end links differ from its in-memory links")
+            seconds, ds_e2e_links, _ = datasketch_end_to_end(path, args.num_perm, args.threshold, config.ngram)
+            times["ds_e2e"].append(seconds)
+            if ds_e2e_links != ds_links:
+                raise AssertionError("datasketch end-to-end links differ from its in-memory links")
+    n = len(texts)
+    rate = {key: n / statistics.median(values) for key, values in times.items()}
+    bands, rows, candidates, rejected = ours_shape
     result = {
-        "documents": n, "num_perm": args.num_perm, "threshold": args.threshold, "datasketch_bands_rows": [b, r],
-        "ours_docs_per_s": round(ours_rate, 1), "datasketch_update_batch_docs_per_s": round(ds_rate, 1),
-        "datasketch_update_docs_per_s": round(upd_rate, 1),
-        "ratio_vs_update_batch": round(ours_rate / ds_rate, 2), "ratio_vs_update": round(ours_rate / upd_rate, 2),
-        "ours": score(ours_links, planted), "datasketch": score(ds_links, planted),
+        "documents": n, "num_perm": args.num_perm, "threshold": args.threshold, "trials": args.trials,
+        "timed": "CPU seconds of this process, median of the trials",
+        "in_memory": {"ours_docs_per_s": round(rate["ours_mem"], 1), "datasketch_docs_per_s": round(rate["ds_mem"], 1),
+                      "ratio": round(rate["ours_mem"] / rate["ds_mem"], 2)},
+        "end_to_end": {"ours_docs_per_s": round(rate["ours_e2e"], 1), "datasketch_docs_per_s": round(rate["ds_e2e"], 1),
+                       "ratio": round(rate["ours_e2e"] / rate["ds_e2e"], 2)},
+        "seconds": {key: [round(value, 3) for value in values] for key, values in times.items()},
+        "ours": {"bands_rows": [bands, rows], "candidate_pairs": candidates, "rejected_pairs": rejected,
+                 **score(ours_links, planted)},
+        "datasketch": {"bands_rows": list(ds_shape), **score(ds_links, planted)},
     }
     print(json.dumps(result, indent=2))
 

@@ -107,7 +107,8 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     config = DedupConfig(text_field=args.text_field, id_field=args.id_field, url_field=args.url_field,
                          url=not args.no_url, exact=not args.no_exact, fuzzy=not args.no_fuzzy,
                          threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram, bands=args.bands,
-                         rows=args.rows, verify=not args.no_verify, seed=args.seed, batch_docs=args.batch_docs)
+                         rows=args.rows, verify=not args.no_verify, seed=args.seed, batch_docs=args.batch_docs,
+                         batch_bytes=args.batch_bytes)
     report = run_dedup(args.input, args.output, config, workers=args.workers)
     removed = ", ".join(f"{reason} {count}" for reason, count in report["removed"].items())
     print(f"dedup {report['documents']} documents -> kept {report['kept']} in {args.output} "
@@ -139,6 +140,8 @@ def add_dedup_parser(subparsers) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="link every LSH candidate pair, without checking its estimated Jaccard")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the MinHash functions")
-    p.add_argument("--batch-docs", type=int, default=defaults.batch_docs, help="documents per hashing batch")
+    p.add_argument("--batch-docs", type=int, default=defaults.batch_docs, help="most documents per hashing batch")
+    p.add_argument("--batch-bytes", type=int, default=defaults.batch_bytes,
+                   help=f"text bytes at which a hashing batch is full (default {defaults.batch_bytes})")
     p.add_argument("--workers", type=int, default=1, help="processes for the per-file phases (default 1)")
     p.set_defaults(func=_cmd_dedup)

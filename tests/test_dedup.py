@@ -11,12 +11,14 @@ import sys
 
 import numpy as np
 import pytest
+import xxhash
 
 from conftest import stdlib_docstrings
 from gptforge.data_prep.dedup import (DedupConfig, cluster_signatures, compute_signatures, connected_min_labels,
                                       normalize_text, normalize_url)
 from gptforge.data_prep.dedup_cli import run_dedup
-from gptforge.data_prep.minhash import MinHasher, candidate_probability, optimal_bands_rows, shingle_set_hashes
+from gptforge.data_prep.minhash import (MinHasher, candidate_probability, lsh_error_area, optimal_bands_rows,
+                                        shingle_set_hashes)
 from gptforge.launcher.cli import main
 
 
@@ -92,6 +94,88 @@ def test_signature_of_split_batches_equals_one_batch():
     assert has.tolist() == [True, True, True, False, True]
 
 
+_M64, _M32 = (1 << 64) - 1, (1 << 32) - 1
+
+
+def reference_signature(hasher: MinHasher, text: bytes) -> tuple[list[int], bool]:
+    """One document's signature in plain Python integers, following the hash definitions of
+    ``minhash.py`` step by step (no numpy, no batching): the ground truth for the vectorised path."""
+    def word_hash(word: bytes) -> int:
+        h = len(word) * 0xC4CEB9FE1A85EC53 & _M64
+        for k in range(0, len(word), 8):
+            h = (h ^ int.from_bytes(word[k:k + 8], "little")) * 0x9E3779B97F4A7C15 & _M64
+            h ^= h >> 29
+        h ^= h >> 31
+        h = h * 0xFF51AFD7ED558CCD & _M64
+        return h ^ (h >> 29)
+
+    words = [word_hash(w) for w in text.split(b" ") if w]
+    gram_mul = [int(m) for m in hasher._gram_mul]
+    n = hasher.ngram
+    starts = range(len(words) - n + 1) if len(words) >= n else ([0] if words else [])
+    shingles = []
+    for i in starts:
+        g = sum(w * m for w, m in zip(words[i:i + n], gram_mul)) & _M64
+        for mul in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, None):
+            g ^= g >> 33
+            g = g * mul & _M64 if mul else g
+        shingles.append(g >> 32)
+    perms = zip(hasher._mul[:, 0].tolist(), hasher._add[:, 0].tolist())
+    return [min(((a * x + b) & _M32 for x in shingles), default=_M32) for a, b in perms], bool(shingles)
+
+
+def test_batch_signatures_equal_per_document_reference_bit_for_bit():
+    # edge cases of the vectorised path: empty and short documents, words longer than one or two 8-byte
+    # chunks, multi-byte UTF-8, NUL bytes (only the length tells "a" from "a\0"), documents that
+    # straddle a hashing block (8192 shingles), and a batch starting and ending with empty texts
+    rng = random.Random(5)
+    alphabet = "abcdefghij\u00e9\u4e2d\U0001f600\x00"
+    def word():
+        return "".join(rng.choice(alphabet) for _ in range(rng.choice((1, 2, 7, 8, 9, 15, 16, 17, 25, 40))))
+    docs = [b"", b"a", b"a\x00", b"x y z w", b"one two three four five"]
+    docs += [" ".join(word() for _ in range(rng.randint(0, 60))).encode() for _ in range(40)]
+    docs += [" ".join(word() for _ in range(n)).encode() for n in (5000, 4000)] + [b""]
+    for num_perm, ngram in ((16, 5), (7, 3)):
+        hasher = MinHasher(num_perm=num_perm, ngram=ngram, seed=num_perm)
+        batch, has = hasher.batch(docs)
+        assert batch.dtype == np.uint32 and batch.shape == (len(docs), num_perm)
+        for doc, row, flag in zip(docs, batch, has):
+            expected, expected_flag = reference_signature(hasher, doc)
+            assert row.tolist() == expected and flag == expected_flag, doc[:40]
+    assert has.tolist()[:5] == [False, True, True, True, True] and not has[-1]
+    assert len({bytes(row) for row in batch[5:45][has[5:45]]}) == int(has[5:45].sum())  # no collisions
+
+
+def test_phase1_fast_normalisation_equals_normalize_text(tmp_path):
+    # phase 1 collapses whitespace in the batch buffer instead of per document: its exact keys and
+    # signatures must equal those of normalize_text, for every ASCII whitespace str.split knows and
+    # for Unicode texts (which take the per-document path)
+    texts = ["", "   ", "\t\n", "One", " lead and trail ", "a\x1cb\x1dc\x1ed\x1fe\x0bf\x0cg\rh",
+             "Tabs\tand\n\nnew  lines  " * 30, "x " * 3, "\u00a0nbsp\u2028line\u3000ideo ﬁle \u0085end",
+             "ÉCOLE  été\tCafé", "same words here", "SAME   words\there"]
+    texts += [chr(c) + "x" + chr(c) + "y" for c in range(128)]  # every ASCII byte as a separator or not
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    config = DedupConfig(url=False, batch_docs=7)  # several batches, some starting with empty texts
+    compute_signatures(path, str(tmp_path / "sig.npz"), config)
+    with np.load(tmp_path / "sig.npz") as npz:
+        text_hash, signatures, has = npz["text_hash"], npz["signatures"], npz["has_shingles"]
+    normalized = [normalize_text(t) for t in texts]
+    expected, expected_has = MinHasher(num_perm=config.num_perm, seed=config.seed).batch(normalized)
+    for k, norm in enumerate(normalized):
+        key = xxhash.xxh3_128_intdigest(norm)
+        assert text_hash[k].tolist() == [key >> 64, key & (1 << 64) - 1], texts[k]
+    assert np.array_equal(signatures, expected) and np.array_equal(has, expected_has)
+    assert text_hash[10].tolist() == text_hash[11].tolist()  # normalisation makes them equal
+    # a signature file of another hash layout is refused, not silently compared
+    with np.load(tmp_path / "sig.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["version"] = 1
+    np.savez(tmp_path / "old.npz", **{**arrays, "meta": np.array(json.dumps(meta))})
+    with pytest.raises(ValueError, match="layout version 1"):
+        cluster_signatures([str(tmp_path / "sig.npz"), str(tmp_path / "old.npz")], str(tmp_path / "rm.npz"), config)
+
+
 def test_lsh_shape_for_threshold_and_explicit():
     bands, rows = optimal_bands_rows(0.8, 128)
     assert bands * rows <= 128
@@ -101,6 +185,19 @@ def test_lsh_shape_for_threshold_and_explicit():
     # a lower threshold moves the S-curve left: more bands of fewer rows
     low_bands, low_rows = optimal_bands_rows(0.5, 128)
     assert low_rows < rows
+    # the vectorised search picks what scoring every shape with lsh_error_area picks
+    for threshold, weights in ((0.8, (0.1, 0.9)), (0.5, (0.5, 0.5))):
+        scores = {(b, r): lsh_error_area(threshold, b, r, false_positive_weight=weights[0],
+                                         false_negative_weight=weights[1])
+                  for b in range(1, 65) for r in range(1, 64 // b + 1)}
+        assert optimal_bands_rows(threshold, 64, false_positive_weight=weights[0],
+                                  false_negative_weight=weights[1]) == min(scores, key=scores.get)
+    # the default config weights false negatives 9:1 (verification removes false positives): a pair
+    # just above the threshold is almost always a candidate, one far below it rarely
+    default_bands, default_rows = DedupConfig().lsh_shape()
+    assert (default_bands, default_rows) == (14, 9)
+    assert candidate_probability(0.85, default_bands, default_rows) > 0.97 > candidate_probability(0.85, bands, rows)
+    assert candidate_probability(0.5, default_bands, default_rows) < 0.03
 
 
 def test_connected_min_labels_matches_python_union_find():
