@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from typing import IO, Iterator
 
 
 def fsync_path(path: str) -> None:
@@ -24,13 +26,17 @@ def fsync_tree(folder: str) -> None:
     fsync_path(folder)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_writer(path: str, mode: str = "wb") -> Iterator[IO]:
+    """A handle (``"wb"`` or ``"w"``, UTF-8) on a temporary file beside ``path``, fsynced and renamed
+    over it on success (removed on error), so readers see the old file or the complete new one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are data for other users and jobs
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -39,6 +45,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_writer(path, "wb") as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -22,20 +22,16 @@ chain A~B~C is one cluster even when A and C are less similar than the threshold
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field, fields
-from typing import Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import xxhash
 
-from gptforge.data_prep.atomic import atomic_write_bytes, fsync_path
+from gptforge.data_prep.atomic import atomic_write_bytes, atomic_writer
 from gptforge.data_prep.documents import SkipLog, iter_records
 from gptforge.data_prep.minhash import (MinHasher, WordSpans, connected_min_labels, lsh_links,
                                         optimal_bands_rows, split_words)
@@ -429,27 +425,6 @@ def cluster_signatures(signature_paths: list[str], removal_path: str, config: De
     return summary
 
 
-@contextlib.contextmanager
-def atomic_text_writer(path: str) -> Iterator:
-    """A text handle on a temporary file beside ``path``, fsynced and renamed over it on success
-    (removed on error), so readers see the old file or the complete new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are data for other users and jobs
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_path(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_kept(shard_path: str, shard_index: int, removal_path: str, out_path: str, config: DedupConfig) -> int:
     """Phase 3: stream shard ``shard_index`` (its position among the signature files given to phase 2)
     and write its kept records, fields unchanged, as JSONL to ``out_path`` (atomically). Values JSON
@@ -460,7 +435,7 @@ def write_kept(shard_path: str, shard_index: int, removal_path: str, out_path: s
         drop = np.zeros(expected, dtype=bool)  # [records] True for removed positions
         drop[removal["position"][removal["shard"] == shard_index]] = True
     kept = seen = 0
-    with atomic_text_writer(out_path) as handle:
+    with atomic_writer(out_path, "w") as handle:
         for record, where in iter_records(shard_path, config.text_field, SkipLog()):
             if seen >= expected:
                 raise ValueError(f"{shard_path}: more records than when its signatures were computed "
@@ -481,7 +456,7 @@ def write_duplicates(removal_path: str, out_path: str) -> int:
     with np.load(removal_path) as npz:  # each npz[key] re-reads the archive: read every array once
         removal = {key: npz[key] for key in npz.files}
     reasons = removal["reason"]
-    with atomic_text_writer(out_path) as handle:
+    with atomic_writer(out_path, "w") as handle:
         for k in range(len(reasons)):
             handle.write(json.dumps({
                 "id": _unpack_string(removal["removed_id_blob"], removal["removed_id_offsets"], k),

@@ -19,7 +19,8 @@ import shutil
 import tempfile
 import time
 
-from gptforge.data_prep.dedup import (DedupConfig, atomic_text_writer, cluster_signatures, compute_signatures,
+from gptforge.data_prep.atomic import atomic_writer
+from gptforge.data_prep.dedup import (DedupConfig, cluster_signatures, compute_signatures,
                                       config_flag_names, write_duplicates, write_kept)
 from gptforge.data_prep.documents import SkipLog, check_input_files
 
@@ -98,7 +99,7 @@ def run_dedup(inputs: list[str], out_dir: str, config: DedupConfig, *, workers: 
                     "write": round(seconds - (clustered - start), 3), "total": round(seconds, 3)},
         "docs_per_s": round(clusters.documents / seconds, 1) if seconds > 0 else None,
     }
-    with atomic_text_writer(os.path.join(out_dir, "report.json")) as handle:
+    with atomic_writer(os.path.join(out_dir, "report.json"), "w") as handle:
         handle.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
