@@ -1,13 +1,17 @@
 """gptforge: distributed GPT pretraining, from a filtered web corpus to GPT-3 sizes.
 
 One import root, ``gptforge``: the top-level folders of this repository are its subpackages
-(``gptforge.model`` is ``model/``, ``gptforge.launcher`` is ``launcher/`` ...). Nothing generic such as
+(``gptforge.model`` is ``model/``, ``gptforge.training.trainer`` is ``training/trainer.py`` ...). Inside
+the package every import is relative, so a checkout reads the same without an install. Nothing generic such as
 ``model`` is ever installed as a top-level module.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-SUBPACKAGES = ["launcher", "model", "parallel", "data_prep", "configs"]
+# The concerns, lowest layer first (tests/test_layering.py enforces who may import whom).
+TOP_LEVEL = ["common", "model", "parallel", "training", "evaluation", "finetune", "interop", "data_prep",
+             "launcher", "configs"]
+SUBPACKAGES = [name for top in TOP_LEVEL for name in [top] + [f"{top}.{sub}" for sub in find_packages(top)]]
 
 setup(
     name="gptforge",
@@ -16,7 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=["gptforge"] + [f"gptforge.{name}" for name in SUBPACKAGES],
     # The repository root is the ``gptforge`` package (its __init__.py); setuptools never packs setup.py.
-    package_dir={"gptforge": "."} | {f"gptforge.{name}": name for name in SUBPACKAGES},
+    package_dir={"gptforge": "."},
     package_data={"gptforge.configs": ["*.yaml", "data/*.yaml", "data/*.txt"], "gptforge.launcher": ["*.sh"]},
     install_requires=[
         # Lower bounds that the CPU build of torch 2.13.0 satisfies; see README for the CPU install.

@@ -41,10 +41,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from conftest import stdlib_docstrings  # noqa: E402
-from gptforge.data_prep.dedup import (DedupConfig, cluster_signatures, compute_signatures,  # noqa: E402
+from gptforge.data_prep.dedup.dedup import (DedupConfig, cluster_signatures, compute_signatures,  # noqa: E402
                                       near_duplicate_labels, normalize_text)
-from gptforge.data_prep.documents import SkipLog, iter_records  # noqa: E402
-from gptforge.data_prep.minhash import MinHasher  # noqa: E402
+from gptforge.data_prep.readers.documents import SkipLog, iter_records  # noqa: E402
+from gptforge.data_prep.dedup.minhash import MinHasher  # noqa: E402
 
 POSITIVE = (0.85, 0.9, 0.95)
 NEGATIVE = (0.5, 0.6, 0.7)

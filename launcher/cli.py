@@ -14,16 +14,16 @@ import json
 import os
 import sys
 
-from gptforge.data_prep.corpus_cli import add_corpus_parsers
-from gptforge.data_prep.dedup_cli import add_dedup_parser
-from gptforge.launcher.evaluate import add_eval_parser
-from gptforge.launcher.finetune import add_finetune_parser
-from gptforge.launcher.generate import add_generate_parser
-from gptforge.launcher.hf_cli import add_hf_parsers, add_tokenizer_kind_argument, cmd_tokenizer_train
+from ..data_prep.corpus.cli import add_corpus_parsers
+from ..data_prep.dedup.cli import add_dedup_parser
+from ..evaluation.evaluate import add_eval_parser
+from ..finetune.finetune import add_finetune_parser
+from ..evaluation.generate import add_generate_parser
+from ..interop.cli import add_hf_parsers, add_tokenizer_kind_argument, cmd_tokenizer_train
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
-    from gptforge.data_prep.indexed_writer import tokenize_to_indexed
+    from ..data_prep.tokenization.indexed_writer import tokenize_to_indexed
 
     result = tokenize_to_indexed(args.input, args.output, args.tokenizer, text_field=args.text_field,
                                  workers=args.workers, append_eod=not args.no_eod, progress=not args.quiet)
@@ -33,8 +33,8 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gptforge.launcher.job import resolve_job
-    from gptforge.launcher.train import train
+    from ..training.job import resolve_job
+    from ..training.trainer import train
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -45,7 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from gptforge.launcher.plan import (DEFAULT_GPU_MEMORY_GIB, LayoutFlags, plan_rows, propose_rows,
+    from ..parallel.plan_cli import (DEFAULT_GPU_MEMORY_GIB, LayoutFlags, plan_rows, propose_rows,
                                         render_layout_table, render_proposals, render_table)
 
     gpu_memory = args.gpu_memory if args.gpu_memory is not None else DEFAULT_GPU_MEMORY_GIB
@@ -77,7 +77,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_files_to_jsonl(args: argparse.Namespace) -> int:
-    from gptforge.data_prep.text_files import files_to_jsonl
+    from ..data_prep.readers.text_files import files_to_jsonl
 
     count, skipped = files_to_jsonl(args.root, args.glob or ["**/*.txt"], args.output, min_chars=args.min_chars)
     print(f"wrote {count} documents to {args.output}; skipped {skipped} file(s)")

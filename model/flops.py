@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gptforge.model.config import GPTConfig
-from gptforge.model.gpt import GPT
+from .config import GPTConfig
+from .gpt import GPT
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets; see shared reference "Throughput accounting").
 # Matched as a substring of torch.cuda.get_device_name(). No entry for CPUs: MFU is not reported there.

@@ -10,7 +10,7 @@ Build pattern (large models): construct under ``torch.device("meta")``, parallel
 
 Inference: ``forward_cached(tokens, cache, start_pos)`` runs the same blocks over only the new tokens,
 reading and extending a ``KVCache`` of earlier keys and values (one process, unsharded model: load a
-checkpoint of any layout with ``gptforge.launcher.trained_model.load_trained_model``). Training and the
+checkpoint of any layout with ``gptforge.training.trained_model.load_trained_model``). Training and the
 parallel code never touch it: ``forward`` and the module names stay as above.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptforge.model.config import GPTConfig
+from .config import GPTConfig
 
 
 class LayerKV:

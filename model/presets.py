@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gptforge.model.config import GPTConfig
+from .config import GPTConfig
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 
 import torch
 
-from gptforge.model.gpt import GPT, KVCache
+from .gpt import GPT, KVCache
 
 
 class SamplingError(ValueError):

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from gptforge.model.gpt import GPT, init_tensor_
-from gptforge.parallel.dims import ParallelDims
-from gptforge.parallel.pipeline import PipelineRanks, PipelineRunner, prune_to_rank
-from gptforge.parallel.tensor_parallel import apply_tensor_parallel
+from ..model.gpt import GPT, init_tensor_
+from .dims import ParallelDims
+from .pipeline import PipelineRanks, PipelineRunner, prune_to_rank
+from .tensor_parallel import apply_tensor_parallel
 
 
 @torch.no_grad()
@@ -74,7 +74,7 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
         if dims.fsdp:
             runner.shard(mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision))
         return model, runner
-    if dims.deepspeed:  # the engine wraps the model once the optimizer exists (launcher/train.py)
+    if dims.deepspeed:  # the engine wraps the model once the optimizer exists (training/trainer.py)
         return model, None
     if dims.fsdp:
         from torch.distributed.fsdp import fully_shard

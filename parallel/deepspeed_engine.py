@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from gptforge.parallel.dims import ParallelDims
+from .dims import ParallelDims
 
 
 def deepspeed_config(*, dims: ParallelDims, micro_batch: int, global_batch: int, precision: str,
@@ -78,7 +78,7 @@ def full_state_dicts(engine, model: torch.nn.Module, step: int) -> tuple[dict, d
             optim_sd[f"state.{name}.{key}"] = safe_get_full_optimizer_state(param, key).detach().cpu()
     shapes = {n: _full_shape(p) for n, p in model.named_parameters()}
     for group, decayed in zip(engine.optimizer.param_groups, (True, False)):
-        # The same split as launcher/train.py's build_optimizer: matrices and embeddings decay.
+        # The same split as training/trainer.py's build_optimizer: matrices and embeddings decay.
         for name in (n for n in shapes if (len(shapes[n]) >= 2) == decayed):
             optim_sd |= {f"param_groups.{name}.{k}": v for k, v in group.items() if k != "params"}
     return model_sd, optim_sd

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptforge.model.config import GPTConfig
+from ..model.config import GPTConfig
 
 FSDP_STAGES = (2, 3)
 

@@ -58,11 +58,11 @@ def measure_local_bytes(request: Measurement) -> dict[str, int]:
     from torch.distributed.tensor import DTensor
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from gptforge.model.config import GPTConfig
-    from gptforge.model.gpt import GPT
-    from gptforge.parallel.dims import ParallelDims
-    from gptforge.parallel.pipeline import prune_to_rank
-    from gptforge.parallel.tensor_parallel import apply_tensor_parallel
+    from ..model.config import GPTConfig
+    from ..model.gpt import GPT
+    from .dims import ParallelDims
+    from .pipeline import prune_to_rank
+    from .tensor_parallel import apply_tensor_parallel
 
     dtype = getattr(torch, DTYPES[request.precision])
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=request.dp * request.tp)

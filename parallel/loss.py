@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gptforge.model.gpt import lm_loss_sum
-from gptforge.parallel.dims import ParallelDims
+from ..model.gpt import lm_loss_sum
+from .dims import ParallelDims
 
 
 def loss_context(dims: ParallelDims):

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from gptforge.model.gpt import GPT
-from gptforge.parallel.dims import ParallelDims
+from ..model.gpt import GPT
+from .dims import ParallelDims
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
@@ -144,7 +144,7 @@ class PipelineRunner:
             fully_shard(view, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
 
     def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from gptforge.parallel.loss import token_loss_sum
+        from .loss import token_loss_sum
 
         return token_loss_sum(logits, labels, (labels != -100)) * self._loss_scale
 

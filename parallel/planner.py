@@ -51,7 +51,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gptforge.model.config import GPTConfig
+from ..model.config import GPTConfig
 
 PRECISION_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -176,7 +176,7 @@ def trainer_gaps(layout: Layout, global_batch: int | None = None) -> list[str]:
     """Why ``gptforge train`` refuses this layout (empty when it runs it): the trainer's own validation of
     ``trainer_settings`` (``ParallelDims.resolve``, ``precision_errors``, ``micro_batch_errors``).
     ``global_batch`` (sequences per step) enables the 1F1B check of at least pp micro-batches per step."""
-    from gptforge.parallel.dims import ParallelDims
+    from .dims import ParallelDims
 
     settings = trainer_settings(layout)
     errors: list[str] = []

@@ -45,7 +45,7 @@ def corpus_jsonl(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer_model(corpus_jsonl, tmp_path_factory) -> str:
-    from gptforge.data_prep.tokenizer import train_tokenizer
+    from gptforge.data_prep.tokenization.tokenizer import train_tokenizer
 
     prefix = tmp_path_factory.mktemp("tok") / "tok"
     return train_tokenizer([corpus_jsonl], str(prefix), vocab_size=512).model_path
@@ -53,7 +53,7 @@ def tokenizer_model(corpus_jsonl, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def indexed_prefix(corpus_jsonl, tokenizer_model, tmp_path_factory) -> str:
-    from gptforge.data_prep.indexed_writer import tokenize_to_indexed
+    from gptforge.data_prep.tokenization.indexed_writer import tokenize_to_indexed
 
     prefix = str(tmp_path_factory.mktemp("data") / "docs")
     tokenize_to_indexed([corpus_jsonl], prefix, tokenizer_model, progress=False)

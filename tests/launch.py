@@ -49,8 +49,8 @@ def config_errors(path: str, overrides=(), world_size: int = 1) -> list[str]:
     """The errors ``resolve_job`` raises for a config (fails the test when it raises none)."""
     import pytest
 
-    from gptforge.launcher.config_load import ConfigError
-    from gptforge.launcher.job import resolve_job
+    from gptforge.common.config import ConfigError
+    from gptforge.training.job import resolve_job
 
     with pytest.raises(ConfigError) as info:
         resolve_job(path, list(overrides), world_size=world_size)

@@ -4,8 +4,8 @@ import subprocess
 import pytest
 import yaml
 
-from gptforge.launcher.job import resolve_job
-from gptforge.launcher.schedule import TokenSchedule
+from gptforge.training.job import resolve_job
+from gptforge.training.schedule import TokenSchedule
 from gptforge.model.presets import gpt3_presets
 
 from launch import GPTFORGE, config_errors
@@ -61,7 +61,7 @@ def test_world_size_enters_batch_validation(write_config):
 
 
 def test_vocab_mismatch_between_tokenizer_and_data(tmp_path, write_config, corpus_jsonl):
-    from gptforge.data_prep.tokenizer import train_tokenizer
+    from gptforge.data_prep.tokenization.tokenizer import train_tokenizer
 
     other = train_tokenizer([corpus_jsonl], str(tmp_path / "other"), vocab_size=600).model_path
     errors = config_errors(write_config(tokenizer={"path": other}))
@@ -90,11 +90,12 @@ def test_cli_reports_config_errors_without_traceback(write_config):
 def test_shipped_configs_parse(tmp_path):
     import pathlib
 
-    from gptforge.launcher.config_load import parse_job_config
+    from gptforge.common.config import build_dataclass
+    from gptforge.training.config import JobConfig
 
     for path in sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
         errors: list[str] = []
-        assert parse_job_config(yaml.safe_load(path.read_text()), errors) is not None, (path, errors)
+        assert build_dataclass(JobConfig, yaml.safe_load(path.read_text()), "", errors) is not None, (path, errors)
         assert errors == [], (path, errors)
 
 

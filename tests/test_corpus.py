@@ -92,7 +92,7 @@ def corpus(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def read_output(out) -> dict[str, dict]:
-    from gptforge.data_prep.shard_writer import read_shard
+    from gptforge.data_prep.corpus.shard_writer import read_shard
 
     found = {}
     for name in sorted(os.listdir(out)):
@@ -188,7 +188,7 @@ def test_rerun_skips_finished_shards_and_redoes_lost_ones(built, inputs):
 def test_quality_stage_keeps_by_the_pareto_rule(inputs, tmp_path):
     """Train the classifier, then build with and without it: the documents it removed are exactly those
     whose seeded Pareto draw says so, and every kept one carries its score."""
-    from gptforge.data_prep.quality_classifier import QualityClassifier
+    from gptforge.data_prep.filters.classifier import QualityClassifier
 
     from conftest import stdlib_docstrings
 
@@ -293,7 +293,7 @@ def test_bad_input_is_counted_in_the_report(tmp_path):
                                                                            "data")) if n.endswith(".yaml")))
 def test_shipped_data_configs_are_valid(name, tmp_path):
     """Every configs/data/*.yaml parses without error once its data files exist."""
-    from gptforge.data_prep.corpus_config import parse_corpus_config
+    from gptforge.data_prep.corpus.config import parse_corpus_config
 
     raw = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "data", name)))
     data = write_jsonl(str(tmp_path / "d.jsonl"), [{"id": "1", "text": "x"}])
@@ -302,5 +302,5 @@ def test_shipped_data_configs_are_valid(name, tmp_path):
         raw["quality"]["model_path"] = data  # only its existence is checked here
     if raw.get("decontaminate", {}).get("benchmarks"):
         raw["decontaminate"]["benchmarks"] = [str(tmp_path / "*.jsonl")]
-    cfg, shards, errors = parse_corpus_config(raw)
-    assert errors == [] and shards == [data]
+    cfg, shards = parse_corpus_config(raw, [], name)  # raises a ConfigError naming every problem
+    assert shards == [data]

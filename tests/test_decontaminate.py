@@ -12,10 +12,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from gptforge.data_prep.decontaminate import (BenchmarkNgrams, DecontaminationConfig, Decontaminator,
+from gptforge.data_prep.filters.decontaminate import (BenchmarkNgrams, DecontaminationConfig, Decontaminator,
                                               NgramDocumentCounts, count_ngram_documents, decontaminate,
                                               decontaminate_details, normalized_words)
-from gptforge.data_prep.web_document import WebDocument
+from gptforge.data_prep.readers.web_document import WebDocument
 
 QUESTION = "Which planet in the solar system has the largest number of known moons orbiting it today"
 ANSWER = "Saturn has the largest number of known moons of any planet in the solar system as of now"

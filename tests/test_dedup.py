@@ -14,10 +14,10 @@ import pytest
 import xxhash
 
 from conftest import stdlib_docstrings
-from gptforge.data_prep.dedup import (DedupConfig, cluster_signatures, compute_signatures, connected_min_labels,
+from gptforge.data_prep.dedup.dedup import (DedupConfig, cluster_signatures, compute_signatures, connected_min_labels,
                                       normalize_text, normalize_url)
-from gptforge.data_prep.dedup_cli import run_dedup
-from gptforge.data_prep.minhash import (MinHasher, candidate_probability, lsh_error_area, optimal_bands_rows,
+from gptforge.data_prep.dedup.cli import run_dedup
+from gptforge.data_prep.dedup.minhash import (MinHasher, candidate_probability, lsh_error_area, optimal_bands_rows,
                                         shingle_set_hashes)
 from gptforge.launcher.cli import main
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from gptforge.launcher.eval_tasks import (ChoiceScores, Example, Task, TaskFileError, build_prompt, choose,
+from gptforge.evaluation.tasks import (ChoiceScores, Example, Task, TaskFileError, build_prompt, choose,
                                           completion_logprobs, fit_prompt, load_task, perplexity,
                                           sample_demonstrations)
-from gptforge.launcher.evaluate import add_eval_parser, document_range
-from gptforge.launcher.finetune import write_checkpoint
+from gptforge.evaluation.evaluate import add_eval_parser, document_range
+from gptforge.finetune.finetune import write_checkpoint
 from gptforge.model import build_model, get_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def run_eval(*argv: str) -> int:
 
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer_model, tmp_path_factory) -> str:
-    from gptforge.data_prep.tokenizer import Tokenizer
+    from gptforge.data_prep.tokenization.tokenizer import Tokenizer
 
     config = get_preset("tiny").config(vocab_size=Tokenizer(tokenizer_model).vocab_size)
     path = str(tmp_path_factory.mktemp("ckpt") / "step_00000000")
@@ -158,8 +158,8 @@ def test_shipped_tasks_load_with_both_splits():
 
 
 def test_perplexity_equals_exp_of_independently_computed_mean_token_loss(checkpoint, indexed_prefix, tmp_path):
-    from gptforge.data_prep.gpt_data import import_megatron_datasets
-    from gptforge.launcher.trained_model import load_trained_model
+    from gptforge.training.data import import_megatron_datasets
+    from gptforge.training.trained_model import load_trained_model
 
     out = tmp_path / "out"
     assert run_eval(checkpoint, "--data", indexed_prefix, "--max-tokens", "300", "--seq-len", "32",

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from gptforge.launcher.config_load import ConfigError
-from gptforge.launcher.finetune import (GPTClassifier, add_finetune_parser, extend_vocabulary, lm_loss,
+from gptforge.common.config import ConfigError
+from gptforge.finetune.finetune import (GPTClassifier, add_finetune_parser, extend_vocabulary, lm_loss,
                                         load_finetuned, write_checkpoint)
-from gptforge.launcher.finetune_data import FinetuneTaskConfig, SpecialTokens, load_examples, transform
+from gptforge.finetune.data import FinetuneTaskConfig, SpecialTokens, load_examples, transform
 from gptforge.model import build_model, get_preset
 
 S = SpecialTokens(start=900, delimiter=901, extract=902)
@@ -118,7 +118,7 @@ def synthetic(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def job(tokenizer_model, tmp_path_factory):
-    from gptforge.data_prep.tokenizer import Tokenizer
+    from gptforge.data_prep.tokenization.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("finetune")
     config = get_preset("tiny").config(vocab_size=Tokenizer(tokenizer_model).vocab_size)
@@ -151,9 +151,9 @@ def test_finetuning_beats_chance_with_and_without_the_aux_loss(job, aux):
     loaded = load_finetuned(str(out / "model"))
     assert loaded.labels == ["has_file", "has_list"]
     assert loaded.special.extract == loaded.classifier.gpt.config.vocab_size - 1
-    from gptforge.data_prep.tokenizer import Tokenizer
-    from gptforge.launcher.finetune import accuracy
-    from gptforge.launcher.finetune_data import encode_examples
+    from gptforge.data_prep.tokenization.tokenizer import Tokenizer
+    from gptforge.finetune.finetune import accuracy
+    from gptforge.finetune.data import encode_examples
 
     examples = load_examples(str(root / "eval.jsonl"), "test", FinetuneTaskConfig(
         type="classification", fields={"text": "sentence", "label": "y"}, labels=loaded.labels))
@@ -182,7 +182,7 @@ def test_config_errors_are_collected_with_their_keys(job, tmp_path):
 def test_shipped_example_config_is_valid(monkeypatch):
     import os
 
-    from gptforge.launcher.finetune import resolve_config
+    from gptforge.finetune.finetune import resolve_config
 
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = resolve_config("configs/finetune/example-classification.yaml", [])

@@ -12,7 +12,7 @@ import yaml
 from conftest import base_config
 from launch import run_train
 
-from gptforge.launcher.generate import add_generate_parser
+from gptforge.evaluation.generate import add_generate_parser
 from gptforge.model import build_model, get_preset
 from gptforge.model.gpt import KVCache
 from gptforge.model.sample import SamplingConfig, SamplingError, check_prompt, filter_logits, generate, sample
@@ -201,8 +201,8 @@ def test_generate_command_json_and_text(checkpoint, tmp_path, capsys):
 
 
 def test_generate_command_greedy_matches_the_model(checkpoint, capsys):
-    from gptforge.data_prep.tokenizer import Tokenizer
-    from gptforge.launcher.trained_model import load_trained_model
+    from gptforge.data_prep.tokenization.tokenizer import Tokenizer
+    from gptforge.training.trained_model import load_trained_model
 
     assert gptforge_generate(checkpoint, "--prompt", "import ", "--temperature", "0", "--max-new-tokens", "15",
                              "--json") == 0

@@ -13,13 +13,13 @@ import torch
 
 from launch import losses, run_train
 
-from gptforge.data_prep.indexed_writer import tokenize_to_indexed
-from gptforge.data_prep.tokenizer import BYTE_BPE, EOD_TOKEN, Tokenizer, train_tokenizer_of_kind
-from gptforge.launcher.finetune import write_checkpoint
-from gptforge.launcher.hf_cli import add_hf_parsers, add_tokenizer_kind_argument
-from gptforge.launcher.hf_export import export_hf
-from gptforge.launcher.hf_import import import_hf
-from gptforge.launcher.trained_model import load_trained_model
+from gptforge.data_prep.tokenization.indexed_writer import tokenize_to_indexed
+from gptforge.data_prep.tokenization.tokenizer import BYTE_BPE, EOD_TOKEN, Tokenizer, train_tokenizer_of_kind
+from gptforge.finetune.finetune import write_checkpoint
+from gptforge.interop.cli import add_hf_parsers, add_tokenizer_kind_argument
+from gptforge.interop.hf_export import export_hf
+from gptforge.interop.hf_import import import_hf
+from gptforge.training.trained_model import load_trained_model
 from gptforge.model import build_model, get_preset
 
 TEXTS = ["", " ", "Hello world", "  two  spaces \n\n\tand tabs ", "\u2581 marks \u2581\u2581x\u2581",
@@ -236,7 +236,7 @@ def test_import_of_a_transformers_gpt2_has_its_logits(byte_bpe, tmp_path):
     tokenizer_path, _ = byte_bpe
     files = tmp_path / "gpt2_files"
     files.mkdir()
-    from gptforge.data_prep.byte_bpe import write_vocab_and_merges
+    from gptforge.data_prep.tokenization.byte_bpe import write_vocab_and_merges
 
     write_vocab_and_merges(tokenizer_path, str(files / "vocab.json"), str(files / "merges.txt"))
     hf_tok = GPT2Tokenizer.from_pretrained(str(files))

@@ -16,12 +16,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gptforge.data_prep.tokenizer import Tokenizer
+from gptforge.data_prep.tokenization.tokenizer import Tokenizer
 from gptforge.launcher.cli import main as gptforge_main
-from gptforge.launcher.eval_tasks import ChoiceScores, Example, Task, choose, load_task
-from gptforge.launcher.evaluate import score_completions
-from gptforge.launcher.finetune import write_checkpoint
-from gptforge.launcher.trained_model import load_trained_model
+from gptforge.evaluation.tasks import ChoiceScores, Example, Task, choose, load_task
+from gptforge.evaluation.evaluate import score_completions
+from gptforge.finetune.finetune import write_checkpoint
+from gptforge.training.trained_model import load_trained_model
 from gptforge.model import build_model, get_preset
 
 pytest.importorskip("lm_eval")

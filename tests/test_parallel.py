@@ -201,7 +201,7 @@ def test_checkpoint_of_any_layout_loads_into_one_process(reference, tmp_path, wr
     the same weights as the one-process run's checkpoint."""
     import torch
 
-    from gptforge.launcher.trained_model import load_trained_model
+    from gptforge.training.trained_model import load_trained_model
 
     run_dir = tmp_path / "run"
     proc = run_train(write_config(run_dir=run_dir, **COMMON), *PP, "parallel.tp=2", nproc=4)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import stdlib_docstrings
 
-from gptforge.data_prep.quality_classifier import REMOVAL_REASON, QualityClassifier, train_quality_classifier
-from gptforge.data_prep.web_document import WebDocument
+from gptforge.data_prep.filters.classifier import REMOVAL_REASON, QualityClassifier, train_quality_classifier
+from gptforge.data_prep.readers.web_document import WebDocument
 
 
 def junk(text: str, rng: random.Random) -> str:

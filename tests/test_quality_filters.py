@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from gptforge.data_prep.quality_filters import (DEFAULT_BAD_WORDS_PATH, BadWords, C4Config, C4QualityFilter,
+from gptforge.data_prep.filters.quality import (DEFAULT_BAD_WORDS_PATH, BadWords, C4Config, C4QualityFilter,
                                                 GopherConfig, GopherQualityFilter, load_bad_words)
-from gptforge.data_prep.web_document import WebDocument
+from gptforge.data_prep.readers.web_document import WebDocument
 
 # Filler words use the letters n..z; words that must repeat use a..j, so the two never collide.
 FILLER_LETTERS = "nopqrstuvwxyz"

@@ -6,8 +6,9 @@ import pathlib
 import pytest
 import yaml
 
-from gptforge.launcher.config_load import model_config_from_section, parse_job_config
-from gptforge.launcher.schedule import TokenSchedule
+from gptforge.common.config import build_dataclass
+from gptforge.training.config import JobConfig
+from gptforge.training.schedule import TokenSchedule
 from gptforge.model.presets import PRESETS, gpt3_presets
 from gptforge.parallel.dims import ParallelDims
 from gptforge.parallel.fake_mesh import Measurement, measure_in_subprocess
@@ -19,8 +20,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 def load(name: str):
     raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     errors: list[str] = []
-    job = parse_job_config(raw, errors)
-    model = model_config_from_section(raw["model"], None, errors)
+    job = build_dataclass(JobConfig, raw, "", errors)
+    model = job.model.gpt_config(None, errors)
     assert errors == [] and job is not None, errors
     return raw, job, model
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptforge.data_prep.gpt_data import import_megatron_datasets
-from gptforge.data_prep.indexed_writer import read_metadata, tokenize_to_indexed
-from gptforge.data_prep.tokenizer import EOD_TOKEN, Tokenizer, train_tokenizer
+from gptforge.training.data import import_megatron_datasets
+from gptforge.data_prep.tokenization.indexed_writer import read_metadata, tokenize_to_indexed
+from gptforge.data_prep.tokenization.tokenizer import EOD_TOKEN, Tokenizer, train_tokenizer
 
 from launch import GPTFORGE
 

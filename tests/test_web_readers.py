@@ -11,11 +11,11 @@ from collections import Counter
 
 import pytest
 
-from gptforge.data_prep.documents import SkipLog
-from gptforge.data_prep.extract import ExtractConfig, extract_document
-from gptforge.data_prep.langid import LanguageConfig, LanguageIdentifier
-from gptforge.data_prep.web_document import WebDocument, content_id
-from gptforge.data_prep.web_readers import InputFields, expand_inputs, iter_web_documents
+from gptforge.data_prep.readers.documents import SkipLog
+from gptforge.data_prep.readers.extract import ExtractConfig, extract_document
+from gptforge.data_prep.filters.langid import LanguageConfig, LanguageIdentifier
+from gptforge.data_prep.readers.web_document import WebDocument, content_id
+from gptforge.data_prep.readers.web import InputFields, expand_inputs, iter_web_documents
 
 from web_fixtures import (FORTUNE_FOLDERS, PYTHON_DOCS, conversion_record, fortunes, http_response,
                           make_docs_warc, make_warc, warc_record, warcinfo_record, write_jsonl)

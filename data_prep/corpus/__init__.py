@@ -1,0 +1,1 @@
+"""gptforge.data_prep.corpus"""

@@ -1,0 +1,1 @@
+"""gptforge.data_prep.dedup: URL, exact and MinHash-LSH near-duplicate removal."""

@@ -1,0 +1,181 @@
+"""Sharded, atomic, resumable checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout of ``<dir>/step_00000100/``: DCP shards + ``.metadata`` (model and optimizer, by fully
+qualified name, so another parallel layout can reshard them), ``trainer_state.json`` (step, tokens,
+data position, schedule, MLflow run id, the model config), the tokenizer (``tokenizer.model`` for
+SentencePiece, ``tokenizer.json`` for byte-level BPE) and ``rng_rank{r}.pt`` (each rank's RNG states).
+
+A checkpoint whose ``trainer_state.json`` says ``"weights_only": true`` (written by ``gptforge
+import-hf``) starts training from its weights with a fresh optimizer and the run's own RNG seed.
+
+A checkpoint is written under ``.tmp-step_...`` and renamed into place only after every rank finished
+and the files were fsynced, so a torn save is never picked up; ``keep_last`` complete ones are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+from ..common.atomic import atomic_write_json, fsync_path, fsync_tree
+from ..parallel import deepspeed_engine
+from ..parallel.distributed import DistInfo, barrier
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.json"
+TOKENIZER_FILE = "tokenizer.model"
+# The checkpoint's copy of the tokenizer is named for its kind, so the file says what it holds;
+# ``Tokenizer`` reads the kind from the content, so a copy under the other name still loads.
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "byte-bpe": "tokenizer.json"}
+# Optimizer state and hyperparameters keyed per parameter name ("state.<fqn>.exp_avg",
+# "param_groups.<fqn>.lr"): ranks of different pipeline stages hold different parameter groups, and a
+# list of groups saved under one key would keep only one rank's copy.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def tokenizer_file_name(tokenizer_path: str) -> str:
+    """The name a checkpoint gives its copy of the tokenizer at ``tokenizer_path``."""
+    from ..data_prep.tokenization.tokenizer import tokenizer_kind
+
+    return TOKENIZER_FILES[tokenizer_kind(tokenizer_path)]
+
+
+def find_tokenizer(step_dir: str) -> str | None:
+    """The tokenizer file of the checkpoint folder ``step_dir`` (either kind), or None."""
+    for name in TOKENIZER_FILES.values():
+        path = os.path.join(step_dir, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, directory: str, keep_last: int, info: DistInfo) -> None:
+        self.dir = directory
+        self.keep_last = keep_last
+        self.info = info
+        if info.is_main:
+            os.makedirs(directory, exist_ok=True)
+            for name in os.listdir(directory):
+                if name.startswith(".tmp-"):  # left by a save that was killed
+                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        barrier()
+
+    def complete_steps(self) -> list[tuple[int, str]]:
+        if not os.path.isdir(self.dir):
+            return []
+        found = []
+        for name in os.listdir(self.dir):
+            match = _STEP_DIR.match(name)
+            path = os.path.join(self.dir, name)
+            if match and is_complete(path):
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> str | None:
+        steps = self.complete_steps()
+        return steps[-1][1] if steps else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             engine=None, files: dict[str, str] | None = None, _die_before_rename: bool = False) -> str:
+        """``files``: name -> path of small files copied in (the tokenizer), so a checkpoint is usable
+        on its own (generation, export)."""
+        final = os.path.join(self.dir, f"step_{step:08d}")
+        if is_complete(final):
+            return final
+        tmp = os.path.join(self.dir, f".tmp-step_{step:08d}")
+        if engine is not None:  # DeepSpeed: gathered to named full tensors, the same files as any layout
+            model_sd, optim_sd = deepspeed_engine.full_state_dicts(engine, model, step)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.info.rank}.pt"))
+        barrier()
+        if _die_before_rename:  # fault injection (tests): a save torn after the shards were written
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.info.is_main:
+            for name, source in (files or {}).items():
+                shutil.copyfile(source, os.path.join(tmp, name))
+            atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state | {"step": step})
+            fsync_tree(tmp)
+            os.replace(tmp, final)
+            fsync_path(self.dir)
+            for _, old in self.complete_steps()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, model_shape: dict,
+             engine=None) -> dict:
+        """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
+        if not is_complete(path):
+            raise CheckpointMismatchError(f"checkpoint {path!r} is not a complete gptforge checkpoint "
+                                          f"(no {STATE_FILE} or .metadata)")
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+            state = json.load(handle)
+        saved_shape = state.get("model_shape", {})
+        diffs = [f"{k}: checkpoint {saved_shape.get(k)!r} vs config {v!r}" for k, v in model_shape.items()
+                 if saved_shape.get(k) != v]
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {path!r} holds a model of another shape ({'; '.join(diffs)}); resume with the "
+                f"config it was trained with, or start a new run.dir / --resume none"
+            )
+        weights_only = bool(state.get("weights_only"))
+        if engine is not None:  # an imported checkpoint holds zero Adam moments at step 0 for this reader
+            deepspeed_engine.load_full_state_dicts(engine, model, path)
+        elif weights_only:
+            # The optimizer keeps its fresh state and the hyperparameters of this run's config.
+            model_sd, _ = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
+            target = {"model": model_sd}
+            dcp.load(target, checkpoint_id=path)
+            set_model_state_dict(model, target["model"], options=STATE_DICT_OPTIONS)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
+            target = {"model": model_sd, "optim": optim_sd}
+            dcp.load(target, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"],
+                           options=STATE_DICT_OPTIONS)
+        rng_path = os.path.join(path, f"rng_rank{self.info.rank}.pt")
+        if os.path.isfile(rng_path):
+            set_rng_state(torch.load(rng_path, weights_only=False))
+        elif not weights_only:
+            # Resumed on more ranks than saved it: weights and data position are exact, dropout is not.
+            warnings.warn(f"{rng_path} not found (checkpoint written by {state.get('world_size')} ranks); "
+                          f"rank {self.info.rank} keeps its freshly seeded RNG")
+        return state

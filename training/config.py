@@ -1,0 +1,208 @@
+"""Typed sections of a training config (``configs/*.yaml``). Loading: ``common/config.py``; the
+checks across sections: ``job.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..model.config import GPTConfig, ModelConfigError
+from ..model.presets import PRESETS
+
+_UNSET = object()  # a GPTConfig field the config does not set: the preset's value applies
+
+
+def _model_section_post_init(self) -> None:
+    if self.preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {self.preset!r} (choose one of: {', '.join(PRESETS)})")
+
+
+def _model_section_gpt_config(self, vocab_size: int | None, errors: list[str]) -> GPTConfig | None:
+    """The preset's values, then the fields this section sets; the tokenizer fixes the vocabulary."""
+    overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)
+                 if getattr(self, f.name) is not _UNSET}
+    if vocab_size is not None:
+        if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
+            errors.append(
+                f"model.vocab_size ({overrides['vocab_size']}) does not match the tokenizer's vocabulary "
+                f"({vocab_size}); remove model.vocab_size or use the matching tokenizer")
+            return None
+        overrides["vocab_size"] = vocab_size
+    try:
+        return GPTConfig(**(PRESETS[self.preset].model | overrides))
+    except ModelConfigError as err:
+        errors.extend(err.errors)
+    except TypeError as err:
+        errors.append(f"model: {err}")
+    return None
+
+
+# ``model: {preset: NAME, <any GPTConfig field>: value}``: typed from GPTConfig itself, so a new model
+# field is a config key with its type checked, with no second list to keep in step.
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [("preset", str)] + [(f.name, typing.get_type_hints(GPTConfig)[f.name], field(default=_UNSET))
+                         for f in dataclasses.fields(GPTConfig)],
+    namespace={"__post_init__": _model_section_post_init, "gpt_config": _model_section_gpt_config,
+               "__doc__": "A preset name (model/presets.py) plus any GPTConfig fields that override it.",
+               "__module__": __name__},
+    kw_only=True,
+)
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    """One indexed dataset of the training mixture."""
+
+    path: str
+    """Prefix of a ``gptforge tokenize`` output (``PATH.bin``, ``PATH.idx``, ``PATH.json``)."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture (GPT-3 Table 2.2 column "weight in training mix")."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    sources: list[DataSource]
+    """The mixture; weights are normalised by megatron-core's BlendedMegatronDatasetBuilder."""
+    split: str = "969,30,1"
+    """Train, validation, test proportions of every source's documents (Megatron's ``--split``)."""
+    seed: int = 1234
+    """Seed of the document/sample shuffles: the same seed gives the same sample order."""
+    cache_dir: str | None = None
+    """Where megatron-core caches its sample indices; default ``<run.dir>/data_cache``."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int
+    """Optimizer steps to train for."""
+    global_batch_size: int
+    """Sequences per optimizer step at full batch (GPT-3 Table 2.1 batch / seq_len)."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
+    seq_len: int | None = None
+    """Tokens per sequence; default: the model's context length."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute dtype. bf16/fp16 use autocast over fp32 weights; fp16 adds dynamic loss scaling."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    seed: int = 1234
+    """Seed of weight init and dropout."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA when available, else CPU."""
+    log_interval: int = 10
+    """Print and track metrics every this many steps."""
+    eval_interval: int = 100
+    """Validation every this many steps (and after the last step); 0 disables periodic validation."""
+    eval_samples: int = 64
+    """Validation sequences (the same first ones every time, so curves are comparable)."""
+    sample_tokens: int = 0
+    """After training, print a sample of this many tokens (0: none)."""
+    sample_prompt: str = ""
+    """Prompt of that sample (empty: start from the end-of-document token)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and the schedule of GPT-3 Appendix B; schedules are in tokens, as in the paper."""
+
+    lr: float | None = None
+    """Peak learning rate; default: the preset's Table 2.1 value."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak ("decay to 10 % of its value")."""
+    warmup_tokens: int = 375_000_000
+    """Linear warmup over the first tokens (GPT-3: 375M)."""
+    decay_tokens: int = 260_000_000_000
+    """Cosine decay ends after these tokens, then the lr stays at min_lr_ratio x peak (GPT-3: 260B)."""
+    batch_ramp_start_tokens: int = 32_768
+    """Batch size at the start of the ramp, in tokens (GPT-3: 32k)."""
+    batch_ramp_tokens: int = 0
+    """Ramp the batch linearly to full over these tokens (GPT-3: 4-12B by size); 0 disables the ramp."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices and embeddings; never on biases or LayerNorm gains."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global-norm gradient clipping; 0 disables."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str | None = None
+    """Default ``<run.dir>/checkpoints``."""
+    interval: int = 1000
+    """Save every this many steps (and always at the end or on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
+    resume: str = "auto"
+    """``auto``: newest complete checkpoint if any; ``none``: start fresh; or a checkpoint path."""
+
+
+@dataclass(kw_only=True)
+class MlflowConfig:
+    enabled: bool = True
+    experiment: str = "gptforge"
+    run_name: str | None = None
+    tracking_uri: str | None = None
+    """Default: $MLFLOW_TRACKING_URI, else a sqlite store ``<run.dir>/mlflow.db`` (no server)."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the ranks of a job split the work (see parallel/dims.py); tp x pp x dp must equal the world size."""
+
+    tp: int = 1
+    """Tensor-parallel degree: heads, FFN and vocabulary split over this many ranks."""
+    dp: int = -1
+    """Data-parallel degree; -1 infers world_size / (tp x pp)."""
+    pp: int = 1
+    """Pipeline-parallel degree: layers split into pp x virtual_stages stages, balanced."""
+    virtual_stages: int = 1
+    """Stages per pipeline rank; > 1 with the interleaved 1F1B schedule."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = "1f1b"
+    sequence_parallel: bool = False
+    """Also shard LayerNorm/dropout activations along the sequence over the tensor-parallel ranks."""
+    zero_stage: int = 0
+    """0: DDP replicas; 2: FSDP2 without resharding after forward (ZeRO-2 like); 3: FSDP2 (ZeRO-3 like).
+    With zero_engine deepspeed: DeepSpeed ZeRO stage 1, 2 or 3."""
+    zero_engine: Literal["fsdp", "deepspeed"] = "fsdp"
+    """``fsdp`` composes with tp and pp; ``deepspeed`` (tp = pp = 1) adds ZeRO-1 and optimizer offload."""
+    optimizer_offload: bool = False
+    """DeepSpeed: optimizer state and fp32 master weights on the CPU (ZeRO-Offload)."""
+    loss_parallel: bool = True
+    """With tp > 1, compute the cross-entropy on vocabulary-sharded logits (never gathering [B, T, V])."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation checkpointing: ``full`` recomputes every block in backward, ``selective`` every
+    ``recompute_every``-th block (memory for compute)."""
+    recompute_every: int = 2
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str
+    """Run directory: checkpoints, metrics, MLflow store, data caches."""
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    path: str
+    """A SentencePiece ``.model`` or byte-level BPE ``.json`` from ``gptforge tokenizer train``; it fixes
+    the vocabulary size."""
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A whole training job. ``model`` is a preset name plus optional ``GPTConfig`` field overrides."""
+
+    run: RunConfig
+    model: ModelSection
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
