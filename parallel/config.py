@@ -1,0 +1,39 @@
+"""The ``parallel`` section of a training config: how the ranks of a job split the work.
+
+``ParallelDims`` (dims.py) is what it resolves to once the world size is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the ranks of a job split the work (see parallel/dims.py); tp x pp x dp must equal the world size."""
+
+    tp: int = 1
+    """Tensor-parallel degree: heads, FFN and vocabulary split over this many ranks."""
+    dp: int = -1
+    """Data-parallel degree; -1 infers world_size / (tp x pp)."""
+    pp: int = 1
+    """Pipeline-parallel degree: layers split into pp x virtual_stages stages, balanced."""
+    virtual_stages: int = 1
+    """Stages per pipeline rank; > 1 with the interleaved 1F1B schedule."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = "1f1b"
+    sequence_parallel: bool = False
+    """Also shard LayerNorm/dropout activations along the sequence over the tensor-parallel ranks."""
+    zero_stage: int = 0
+    """0: DDP replicas; 2: FSDP2 without resharding after forward (ZeRO-2 like); 3: FSDP2 (ZeRO-3 like).
+    With zero_engine deepspeed: DeepSpeed ZeRO stage 1, 2 or 3."""
+    zero_engine: Literal["fsdp", "deepspeed"] = "fsdp"
+    """``fsdp`` composes with tp and pp; ``deepspeed`` (tp = pp = 1) adds ZeRO-1 and optimizer offload."""
+    optimizer_offload: bool = False
+    """DeepSpeed: optimizer state and fp32 master weights on the CPU (ZeRO-Offload)."""
+    loss_parallel: bool = True
+    """With tp > 1, compute the cross-entropy on vocabulary-sharded logits (never gathering [B, T, V])."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation checkpointing: ``full`` recomputes every block in backward, ``selective`` every
+    ``recompute_every``-th block (memory for compute)."""
+    recompute_every: int = 2
