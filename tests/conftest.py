@@ -3,35 +3,12 @@ machine with Python has; PSF License), a tokenizer trained on it, its indexed da
 
 from __future__ import annotations
 
-import ast
 import json
-import os
-import sysconfig
 
 import pytest
 import yaml
 
-
-
-def stdlib_docstrings(limit: int = 400) -> list[str]:
-    root = sysconfig.get_paths()["stdlib"]
-    docs = []
-    for name in sorted(os.listdir(root)):
-        if not name.endswith(".py"):
-            continue
-        try:
-            with open(os.path.join(root, name), encoding="utf-8") as handle:
-                tree = ast.parse(handle.read())
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in [tree, *ast.walk(tree)]:
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    docs.append(doc)
-        if len(docs) >= limit:
-            break
-    return docs[:limit]
+from helpers.corpus import base_config, stdlib_docstrings
 
 
 @pytest.fixture(scope="session")
@@ -58,20 +35,6 @@ def indexed_prefix(corpus_jsonl, tokenizer_model, tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("data") / "docs")
     tokenize_to_indexed([corpus_jsonl], prefix, tokenizer_model, progress=False)
     return prefix
-
-
-def base_config(run_dir, tokenizer_model: str, indexed_prefix: str) -> dict:
-    return {
-        "run": {"dir": str(run_dir)},
-        "model": {"preset": "tiny"},
-        "tokenizer": {"path": tokenizer_model},
-        "data": {"sources": [{"path": indexed_prefix, "weight": 1.0}], "split": "90,10,0", "seed": 7},
-        "train": {"max_steps": 8, "global_batch_size": 4, "micro_batch_size": 2, "seq_len": 32,
-                  "log_interval": 1, "eval_interval": 4, "eval_samples": 8, "seed": 3},
-        "optim": {"lr": 3e-3, "warmup_tokens": 256, "decay_tokens": 2048},
-        "checkpoint": {"interval": 4, "keep_last": 2},
-        "mlflow": {"enabled": False},
-    }
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from gptforge.training.job import resolve_job
 from gptforge.training.schedule import TokenSchedule
 from gptforge.model.presets import gpt3_presets
 
-from launch import GPTFORGE, config_errors
+from helpers.launch import GPTFORGE, config_errors
 
 
 def test_valid_config_resolves(write_config):

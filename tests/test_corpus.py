@@ -13,8 +13,8 @@ import subprocess
 import pytest
 import yaml
 
-from launch import GPTFORGE
-from web_fixtures import fortunes, make_docs_warc, python_doc_pages, write_jsonl
+from helpers.launch import GPTFORGE
+from helpers.web import fortunes, make_docs_warc, python_doc_pages, write_jsonl
 
 # Generated English: stop words plus the words of the standard library's docstrings, in random order,
 # so documents pass the language, Gopher and C4 rules (stop words, sentence ends, no repeated n-grams)
@@ -25,7 +25,7 @@ STOP = ["the", "of", "and", "to", "that", "with", "have", "be", "in", "for", "is
 def english_words() -> list[str]:
     import re
 
-    from conftest import stdlib_docstrings
+    from helpers.corpus import stdlib_docstrings
 
     return sorted({w for text in stdlib_docstrings(400) for w in re.findall(r"\b[a-z]{3,10}\b", text)})
 
@@ -190,7 +190,7 @@ def test_quality_stage_keeps_by_the_pareto_rule(inputs, tmp_path):
     whose seeded Pareto draw says so, and every kept one carries its score."""
     from gptforge.data_prep.filters.classifier import QualityClassifier
 
-    from conftest import stdlib_docstrings
+    from helpers.corpus import stdlib_docstrings
 
     rng = random.Random(1)
     positives = write_jsonl(str(tmp_path / "pos.jsonl"), [{"text": t} for t in stdlib_docstrings(300)])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from conftest import stdlib_docstrings
+from helpers.corpus import stdlib_docstrings
 from gptforge.data_prep.dedup.dedup import (DedupConfig, cluster_signatures, compute_signatures, connected_min_labels,
                                       normalize_text, normalize_url)
 from gptforge.data_prep.dedup.cli import run_dedup

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_config
-from launch import run_train
+from helpers.corpus import base_config
+from helpers.launch import run_train
 
 from gptforge.evaluation.generate import add_generate_parser
 from gptforge.model import build_model, get_preset

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from launch import losses, run_train
+from helpers.launch import losses, run_train
 
 from gptforge.data_prep.tokenization.indexed_writer import tokenize_to_indexed
 from gptforge.data_prep.tokenization.tokenizer import BYTE_BPE, EOD_TOKEN, Tokenizer, train_tokenizer_of_kind

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from launch import config_errors, losses, records, run_train
+from helpers.launch import config_errors, losses, records, run_train
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
@@ -47,7 +47,7 @@ COMMON = dict(train={"max_steps": 4, "eval_interval": 2, "global_batch_size": 4,
 def reference(tmp_path_factory, tokenizer_model, indexed_prefix):
     import yaml
 
-    from conftest import base_config
+    from helpers.corpus import base_config
 
     root = tmp_path_factory.mktemp("reference")
     cfg = base_config(root / "run", tokenizer_model, indexed_prefix)

@@ -25,7 +25,7 @@ from gptforge.parallel.planner import (
     trainer_settings,
 )
 
-from launch import GPTFORGE
+from helpers.launch import GPTFORGE
 
 SEQ = 2048
 # (preset, tp, pp, dp, zero stage, precision). dp x tp ranks per stage, up to 1024 in one fake process group.

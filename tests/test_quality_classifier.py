@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import stdlib_docstrings
+from helpers.corpus import stdlib_docstrings
 
 from gptforge.data_prep.filters.classifier import REMOVAL_REASON, QualityClassifier, train_quality_classifier
 from gptforge.data_prep.readers.web_document import WebDocument

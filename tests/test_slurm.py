@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from launch import losses, run_train
+from helpers.launch import losses, run_train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SLURM_CONF = os.environ.get("GPTFORGE_SLURM_CONF")

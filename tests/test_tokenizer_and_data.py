@@ -12,7 +12,7 @@ from gptforge.training.data import import_megatron_datasets
 from gptforge.data_prep.tokenization.indexed_writer import read_metadata, tokenize_to_indexed
 from gptforge.data_prep.tokenization.tokenizer import EOD_TOKEN, Tokenizer, train_tokenizer
 
-from launch import GPTFORGE
+from helpers.launch import GPTFORGE
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_tokenizer_cli_and_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from conftest import stdlib_docstrings
+    from helpers.corpus import stdlib_docstrings
 
     src = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"content": stdlib_docstrings(60)}), src)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from launch import GPTFORGE, free_port, losses, run_train
+from helpers.launch import GPTFORGE, free_port, losses, run_train
 
 
 def test_resume_after_kill_is_exact(tmp_path, write_config):

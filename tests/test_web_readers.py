@@ -17,7 +17,7 @@ from gptforge.data_prep.filters.langid import LanguageConfig, LanguageIdentifier
 from gptforge.data_prep.readers.web_document import WebDocument, content_id
 from gptforge.data_prep.readers.web import InputFields, expand_inputs, iter_web_documents
 
-from web_fixtures import (FORTUNE_FOLDERS, PYTHON_DOCS, conversion_record, fortunes, http_response,
+from helpers.web import (FORTUNE_FOLDERS, PYTHON_DOCS, conversion_record, fortunes, http_response,
                           make_docs_warc, make_warc, warc_record, warcinfo_record, write_jsonl)
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(PYTHON_DOCS), reason="needs Debian's python3.11-doc")

@@ -19,8 +19,8 @@ import os
 import random
 import re
 import shutil
-import signal
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -112,9 +112,11 @@ class CheckpointManager:
         return steps[-1][1] if steps else None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-             engine=None, files: dict[str, str] | None = None, _die_before_rename: bool = False) -> str:
+             engine=None, files: dict[str, str] | None = None,
+             before_commit: Callable[[str], None] | None = None) -> str:
         """``files``: name -> path of small files copied in (the tokenizer), so a checkpoint is usable
-        on its own (generation, export)."""
+        on its own (generation, export). ``before_commit(tmp_dir)`` runs on every rank once every rank's
+        shards are written, before the checkpoint is made complete (callbacks' ``on_checkpoint_written``)."""
         final = os.path.join(self.dir, f"step_{step:08d}")
         if is_complete(final):
             return final
@@ -126,8 +128,8 @@ class CheckpointManager:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.info.rank}.pt"))
         barrier()
-        if _die_before_rename:  # fault injection (tests): a save torn after the shards were written
-            os.kill(os.getpid(), signal.SIGKILL)
+        if before_commit is not None:
+            before_commit(tmp)
         if self.info.is_main:
             for name, source in (files or {}).items():
                 shutil.copyfile(source, os.path.join(tmp, name))

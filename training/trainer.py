@@ -217,7 +217,7 @@ def train(job: ResolvedJob, stream=sys.stdout) -> dict:
             kill_in_save = fault is not None and fault == ("sigkill-in-save", step)
             tokenizer_copy = {tokenizer_file_name(job.job.tokenizer.path): job.job.tokenizer.path}
             path = ckpt.save(step, model, optimizer, trainer_state(), engine=engine, files=tokenizer_copy,
-                             _die_before_rename=kill_in_save)
+                             before_commit=(lambda _: os.kill(os.getpid(), signal.SIGKILL)) if kill_in_save else None)
             log(f"checkpoint {path}")
         if stop_votes > 0:
             log(f"stop requested by signal: saved step {step}, exiting")

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: launching commands, real-text corpora, web fixtures."""
