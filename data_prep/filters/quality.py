@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_BAD_WORDS_PATH = str(Path(__file__).resolve().parent.parent / "configs" / "data" / "bad_words_en.txt")
+DEFAULT_BAD_WORDS_PATH = str(Path(__file__).resolve().parents[2] / "configs" / "data" / "bad_words_en.txt")
 
 
 # --------------------------------------------------------------------------------------------- Gopher
