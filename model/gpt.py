@@ -5,8 +5,10 @@ module name, so names here are part of the contract: ``tok_embeddings``, ``pos_e
 ``blocks.{i}.{ln_1,attn.{wq,wk,wv,wo},ln_2,mlp.{fc_in,fc_out}}``, ``norm``, ``lm_head``. The output
 projection (``lm_head``) is tied to ``tok_embeddings.weight`` (GPT-2/3).
 
-Build pattern (large models): construct under ``torch.device("meta")``, parallelize, ``to_empty``, then
-``init_weights()``; the constructor does not initialise anything by itself.
+Build pattern: the constructor initialises nothing. One process calls ``init_weights(seed)``
+(``build_model``); parallel runs construct under ``torch.device("meta")``, lay out and ``to_empty`` in
+``gptforge.parallel`` (parallel/apply.py), which initialises each parameter by the same ``init_rule`` and
+(seed, name) generator, so both give the same values.
 
 Inference: ``forward_cached(tokens, cache, start_pos)`` runs the same blocks over only the new tokens,
 reading and extending a ``KVCache`` of earlier keys and values (one process, unsharded model: load a
