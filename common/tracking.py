@@ -1,12 +1,13 @@
-"""MLflow tracking that never stops training.
+"""MLflow tracking that never stops the work it tracks (training, fine-tuning, evaluation, corpus reports).
 
-Rank 0 only. Calls are queued and sent by a background thread with retries; a tracking server that is
+In training, rank 0 only. Calls are queued and sent by a background thread with retries; a tracking server that is
 down or slow costs a warning and the dropped calls are counted, never a crash or a stalled step.
 The embedded default is a sqlite store under the run directory; ``MLFLOW_TRACKING_URI`` selects a server.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -14,9 +15,10 @@ import time
 import warnings
 from typing import Any, Callable
 
-# Fail fast on an unreachable server: our own retry loop (below) decides how long to keep trying.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# Per request to an http(s) server: no MLflow-level retries (its defaults back off for minutes before
+# failing) and a short timeout; the Tracker's own retry loop decides how long to keep trying.
+REQUEST_MAX_RETRIES = 0
+REQUEST_TIMEOUT = 10
 
 
 def default_tracking_uri(run_dir: str, configured: str | None) -> str:
@@ -25,6 +27,65 @@ def default_tracking_uri(run_dir: str, configured: str | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return "sqlite:///" + os.path.abspath(os.path.join(run_dir, "mlflow.db"))
+
+
+def default_artifact_root(tracking_uri: str, run_dir: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``run_dir/mlartifacts`` with a sqlite store (MLflow
+    would use the current directory); None otherwise (a server keeps them in its own artifact store)."""
+    return os.path.join(run_dir, "mlartifacts") if tracking_uri.startswith("sqlite:") else None
+
+
+def _client_for(tracking_uri: str):
+    """An ``MlflowClient`` for ``tracking_uri``; for an http(s) server its tracking requests carry
+    ``REQUEST_MAX_RETRIES`` and ``REQUEST_TIMEOUT`` themselves, so nothing else in the process that talks
+    to MLflow has its request settings changed (MLflow reads them from the environment per request, and
+    its client takes no per-client settings: the REST store is the narrowest place they can be given). Artifact uploads to a server go
+    through MLflow's artifact repository, which keeps MLflow's own settings."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if tracking_uri.split(":", 1)[0].lower() in ("http", "https"):
+        client._tracking_client = _fail_fast_service(tracking_uri)
+    return client
+
+
+def _fail_fast_service(tracking_uri: str):
+    from functools import partial
+
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.proto_json_utils import parse_dict
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    class FailFastRestStore(RestStore):
+        """``RestStore._call_endpoint`` with this module's retry count and timeout on every request."""
+
+        def _call_endpoint(self, api, json_body=None, endpoint=None, retry_timeout_seconds=None,
+                           response_proto=None):
+            # As RestStore._call_endpoint does (MLflow 3; the v3 routes and workspaces are newer than 2.x).
+            if hasattr(self, "_validate_workspace_support_if_specified"):
+                self._validate_workspace_support_if_specified()
+            v3 = api in getattr(self, "_V3_APIS", ())
+            path, method = (self._V3_METHOD_TO_INFO if v3 else self._METHOD_TO_INFO)[api]
+            endpoint = endpoint or path
+            body = json.loads(json_body) if json_body is not None else None
+            response = http_request(self.get_host_creds(), endpoint, method, max_retries=REQUEST_MAX_RETRIES,
+                                    timeout=REQUEST_TIMEOUT, **{"params" if method == "GET" else "json": body})
+            response = verify_rest_response(response, endpoint)
+            proto = response_proto or api.Response()
+            if response.status_code != 204:
+                parse_dict(js_dict=json.loads(response.text), message=proto)
+            return proto
+
+    store = FailFastRestStore(partial(get_default_host_creds, tracking_uri))
+
+    class FailFastService(TrackingServiceClient):
+        @property
+        def store(self):
+            return store
+
+    return FailFastService(tracking_uri)
 
 
 class Tracker:
@@ -45,9 +106,7 @@ class Tracker:
         self._thread.start()
 
     def _open(self, experiment: str, run_name: str | None, run_id: str | None, artifact_root: str | None) -> None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=self.tracking_uri)
+        client = _client_for(self.tracking_uri)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
@@ -110,10 +169,6 @@ class Tracker:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._submit(lambda: self._client.log_artifact(self.run_id, path, artifact_path), f"log artifact {path}")
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self._submit(lambda k=key, v=value: self._client.set_tag(self.run_id, k, v), f"set tag {key}")
 
     def close(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
         """Send what is queued (up to ``timeout`` seconds), then mark the run ``status``."""

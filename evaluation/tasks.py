@@ -1,7 +1,7 @@
 """Task files and scoring rules of ``gptforge eval`` (zero-, one- and few-shot, as in GPT-3).
 
-Rules from GPT-3 (Brown et al. 2020) section 2.4, summarised in ``/work/shared/reference.md``
-("GPT-3 ... Evaluation"): K demonstrations drawn at random from the task's training split, separated by
+Rules from GPT-3 (Brown et al. 2020), section 2.4 "Evaluation" (with Figure 2.1 for the K-shot
+format): K demonstrations drawn at random from the task's training split, separated by
 newlines, K limited by what fits in the context; multiple choice scored by the log-likelihood of each
 completion, per-token normalised, optionally normalised by the completion's likelihood given
 ``"Answer: "``; LAMBADA scored by last-word accuracy (greedy decoding must reproduce the whole word).
@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from ..data_prep.readers.documents import strict_json_lines
+from ..common.errors import UserError
+from ..common.jsonl import strict_json_lines
 
 TASK_TYPES = ("lambada", "multiple_choice")
 SPLITS = ("train", "test")
@@ -34,7 +35,7 @@ _HEADER_KEYS = {"task", "type", "description", "separator", "unconditional_prefi
 _EXAMPLE_KEYS = {"lambada": {"split", "text"}, "multiple_choice": {"split", "context", "choices", "answer"}}
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError):
     """A problem of a task file, naming the file, the line and the field."""
 
 

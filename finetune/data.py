@@ -1,7 +1,7 @@
 """Config, data and GPT-1 input transformations of ``gptforge finetune``.
 
-GPT-1 (Radford et al. 2018) section 3.3, summarised in ``/work/shared/reference.md`` ("GPT-1 ...
-Input transformations"): every task becomes token sequences of the pretrained model, framed by a start
+GPT-1 (Radford et al. 2018), section 3.3 "Task-specific input transformations" and Figure 1:
+every task becomes token sequences of the pretrained model, framed by a start
 token ``[s]``, a delimiter ``$`` and an extract token ``[e]`` whose final hidden state feeds the head:
 
 - classification: ``[s] text [e]``
@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from ..data_prep.readers.documents import strict_json_lines
+from ..common.jsonl import strict_json_lines
 
 TASK_ROLES: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),

@@ -7,7 +7,7 @@ import torch
 from .config import GPTConfig
 from .gpt import GPT
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets; see shared reference "Throughput accounting").
+# Dense bf16 peak FLOP/s per device (NVIDIA's H100/H200 and A100 datasheets, dense, without sparsity).
 # Matched as a substring of torch.cuda.get_device_name(). No entry for CPUs: MFU is not reported there.
 PEAK_FLOPS_BF16: dict[str, float] = {
     "H200": 989e12,

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -185,6 +186,21 @@ def test_rerun_skips_finished_shards_and_redoes_lost_ones(built, inputs):
     assert proc.returncode == 2 and "holds a build of another config (changed: dedup)" in proc.stderr
 
 
+def test_report_survives_an_unreachable_tracking_server(built):
+    """The report stage logs through the retrying Tracker: a tracking server nobody listens on (port 9 of
+    127.0.0.1) costs a warning and counted dropped calls, never the build."""
+    out = built["out"]
+    marker = out / "_work" / "report" / "task_00000.done.json"
+    if marker.exists():
+        os.remove(marker)
+    proc = corpus("build", "--config", built["cfg"], "--quiet", "mlflow.tracking_uri=http://127.0.0.1:9")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MLflow start run failed" in proc.stderr and "tracking calls were dropped" in proc.stderr
+    done = json.loads(marker.read_text())
+    assert done["mlflow_run_id"] is None and done["mlflow_dropped_calls"] > 0
+    assert json.loads((out / "report.json").read_text())["totals"] == built["report"]["totals"]
+
+
 def test_quality_stage_keeps_by_the_pareto_rule(inputs, tmp_path):
     """Train the classifier, then build with and without it: the documents it removed are exactly those
     whose seeded Pareto draw says so, and every kept one carries its score."""
@@ -252,9 +268,9 @@ def test_a_killed_build_resumes_to_the_same_corpus(built, inputs, tmp_path):
     only the unfinished tasks and the corpus equals an uninterrupted build's, byte for byte."""
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.yaml", inputs, out, executor={"workers": 1}, mlflow={"enabled": False})
-    env = dict(os.environ, GPTFORGE_TEST_FAULT="corpus-kill:write:3:5")
-    proc = subprocess.run(GPTFORGE + ["corpus", "build", "--config", cfg, "--quiet"], capture_output=True,
-                          text=True, timeout=600, env=env)
+    faults = os.path.join(os.path.dirname(__file__), "helpers", "corpus_faults.py")
+    proc = subprocess.run([sys.executable, faults, "write", "3", "5", "corpus", "build", "--config", cfg, "--quiet"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9
     assert sorted(n for n in os.listdir(out) if n.endswith(".jsonl.zst")) == [f"0000{i}.jsonl.zst" for i in range(3)]
     assert any(n.startswith(".00003.jsonl.zst.") for n in os.listdir(out))  # the torn temporary file

@@ -14,12 +14,35 @@ import pytest
 import xxhash
 
 from helpers.corpus import stdlib_docstrings
-from gptforge.data_prep.dedup.dedup import (DedupConfig, cluster_signatures, compute_signatures, connected_min_labels,
-                                      normalize_text, normalize_url)
+from gptforge.data_prep.dedup.config import DedupConfig
+from gptforge.data_prep.dedup.dedup import cluster_signatures, compute_signatures
+from gptforge.data_prep.dedup.keys import normalize_text, normalize_url
 from gptforge.data_prep.dedup.cli import run_dedup
-from gptforge.data_prep.dedup.minhash import (MinHasher, candidate_probability, lsh_error_area, optimal_bands_rows,
-                                        shingle_set_hashes)
+from gptforge.data_prep.dedup.minhash import MinHasher, connected_min_labels, optimal_bands_rows
 from gptforge.launcher.cli import main
+
+
+def lsh_error_area(threshold: float, bands: int, rows: int, *, false_positive_weight: float = 0.5,
+                   false_negative_weight: float = 0.5, grid: int = 1001) -> float:
+    """What ``optimal_bands_rows`` minimises, for one shape: the weighted area under the S-curve
+    P(candidate | s) = 1 - (1 - s^rows)^bands below ``threshold`` (false positives) plus the area above it
+    under 1 - P (false negatives), by the trapezoid rule."""
+    below = np.linspace(0.0, threshold, grid)
+    above = np.linspace(threshold, 1.0, grid)
+    fp = np.trapezoid(1.0 - (1.0 - below**rows) ** bands, below)
+    fn = np.trapezoid((1.0 - above**rows) ** bands, above)
+    return float(false_positive_weight * fp + false_negative_weight * fn)
+
+
+def candidate_probability(similarity: float, bands: int, rows: int) -> float:
+    """P(two documents of Jaccard ``similarity`` share at least one band) = 1 - (1 - s^rows)^bands."""
+    return 1.0 - (1.0 - similarity**rows) ** bands
+
+
+def shingle_set_hashes(hasher: MinHasher, text: bytes) -> set[int]:
+    """The set of 32-bit shingle hashes of one normalised text."""
+    shingles, _ = hasher.shingle_hashes(*hasher.word_hashes([text]))
+    return set(shingles.tolist())
 
 
 def unique_words(rng: random.Random, count: int, tag: str) -> list[str]:

@@ -14,6 +14,8 @@ from helpers.corpus import stdlib_docstrings
 from gptforge.data_prep.filters.classifier import REMOVAL_REASON, QualityClassifier, train_quality_classifier
 from gptforge.data_prep.readers.web_document import WebDocument
 
+pytestmark = pytest.mark.unit
+
 
 def junk(text: str, rng: random.Random) -> str:
     """Crawl-like junk: the words shuffled and half of them replaced by tokens of a fixed spam vocabulary.
@@ -97,7 +99,7 @@ def constant_model(**kwargs) -> QualityClassifier:
 
 @pytest.mark.parametrize("score, paper", [(0.99, 0.91), (0.9, 0.42), (0.5, 0.026)])
 def test_keep_probability_is_pareto_tail(score, paper):
-    """P(pareto(9) > 1 - score) = (2 - score)^-9 (reference.md, Appendix A)."""
+    """P(pareto(9) > 1 - score) = (2 - score)^-9 (GPT-3 paper, Appendix A)."""
     model, n = constant_model(), 20_000
     rate = np.mean([model.keep(f"doc-{i}", score) for i in range(n)])
     expected = (2 - score) ** -9

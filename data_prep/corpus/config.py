@@ -18,9 +18,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ...common.errors import UserError
 from ...common.atomic import atomic_write_json
 from ..filters.decontaminate import DecontaminationConfig
-from ..dedup.dedup import DedupConfig
+from ..dedup.config import DedupConfig
 from ..readers.extract import ExtractConfig
 from ..filters.langid import LanguageConfig
 from ..filters.quality import C4Config, GopherConfig
@@ -258,7 +259,7 @@ def resolve_corpus(config_path: str, overrides: list[str]) -> CorpusPlan:
 def load_plan(plan_path: str) -> CorpusPlan:
     """The plan a build wrote (what every task runs from)."""
     if not os.path.isfile(plan_path):
-        raise ValueError(f"--config: no such plan file {plan_path!r} (written by 'gptforge corpus build')")
+        raise UserError(f"--config: no such plan file {plan_path!r} (written by 'gptforge corpus build')")
     with open(plan_path, encoding="utf-8") as handle:
         saved = json.load(handle)
     cfg, _ = parse_corpus_config(saved["raw"], [], plan_path)

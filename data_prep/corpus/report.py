@@ -130,24 +130,17 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
     return paths
 
 
-def log_to_mlflow(report: dict, params: dict, artifacts: list[str], *, tracking_uri: str, experiment: str,
-                  run_name: str | None) -> str:
-    """One MLflow run for the build: params, totals and per-stage counts as metrics, files as artifacts."""
-    from mlflow.tracking import MlflowClient
+def log_to_mlflow(report: dict, params: dict, artifacts: list[str], *, tracking_uri: str, run_dir: str,
+                  experiment: str, run_name: str | None) -> tuple[str | None, int]:
+    """One MLflow run for the build: params, totals and per-stage counts as metrics, files as artifacts.
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        experiment_id = found.experiment_id
-    else:
-        location = None
-        if tracking_uri.startswith("sqlite:"):  # keep the artifacts beside the store, not in the cwd
-            location = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    run = client.create_run(experiment_id, run_name=run_name)
-    run_id = run.info.run_id
-    for key, value in sorted(params.items()):
-        client.log_param(run_id, key[:250], str(value)[:6000])
+    Sent through the retrying ``Tracker``: a tracking server that is down costs warnings, never the
+    report stage. Returns (run id, or None when no run could be created; calls dropped)."""
+    from ...common.tracking import Tracker, default_artifact_root
+
+    tracker = Tracker(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, run_id=None,
+                      artifact_root=default_artifact_root(tracking_uri, run_dir))
+    tracker.log_params({key[:250]: value for key, value in params.items()})
     metrics = {f"total.{k}": v for k, v in report["totals"].items() if isinstance(v, (int, float))}
     for reason, count in report["totals"]["removed"].items():
         metrics[f"removed.{reason}"] = count
@@ -155,12 +148,11 @@ def log_to_mlflow(report: dict, params: dict, artifacts: list[str], *, tracking_
         for key in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds"):
             if key in stage:
                 metrics[f"{name}.{key}"] = stage[key]
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, float(value))
+    tracker.log_metrics(metrics, step=0)
     for path in artifacts:
-        client.log_artifact(run_id, path)
-    client.set_terminated(run_id)
-    return run_id
+        tracker.log_artifact(path)
+    tracker.close()
+    return tracker.run_id, tracker.dropped
 
 
 def write_report(work_dir: str, out_dir: str, stage_names: list[str]) -> tuple[dict, list[str]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from collections import Counter
 
@@ -205,15 +204,6 @@ def _dedup_drops(plan: CorpusPlan, index: int) -> tuple[np.ndarray, np.ndarray, 
     return drop, reason, meta["reasons"]
 
 
-def _test_kill_point(stage: str, index: int) -> int | None:
-    """``GPTFORGE_TEST_FAULT=corpus-kill:<stage>:<shard>:<record>``: where a test wants a task killed."""
-    fault = os.environ.get("GPTFORGE_TEST_FAULT", "")
-    parts = fault.split(":")
-    if len(parts) == 4 and parts[0] == "corpus-kill" and parts[1] == stage and int(parts[2]) == index:
-        return int(parts[3])
-    return None
-
-
 def _write(plan: CorpusPlan, index: int) -> dict:
     cfg = plan.cfg
     drop = reason = names = None
@@ -228,11 +218,8 @@ def _write(plan: CorpusPlan, index: int) -> dict:
     removed: Counter = Counter()
     docs_in = bytes_in = 0
     out = os.path.join(cfg.output.dir, shard_name(index, cfg.output.format))
-    kill_at = _test_kill_point("write", index)
     with ShardWriter(out, cfg.output.format) as writer:
         for position, record in enumerate(read_shard(filtered_path(plan, index))):
-            if position == kill_at:  # fault injection (tests): the process dies mid-shard
-                os.kill(os.getpid(), signal.SIGKILL)
             docs_in += 1
             bytes_in += len(record["text"].encode("utf-8"))
             if drop is not None and drop[position]:
@@ -280,8 +267,9 @@ def _report(plan: CorpusPlan, index: int) -> dict:
 
         walk("", {k: v for k, v in plan.raw.items() if k != "mlflow"})
         flat["input.shards"] = plan.n_shards
-        stats["mlflow_run_id"] = log_to_mlflow(report, flat, files, tracking_uri=uri,
-                                               experiment=cfg.mlflow.experiment, run_name=cfg.mlflow.run_name)
+        stats["mlflow_run_id"], stats["mlflow_dropped_calls"] = log_to_mlflow(
+            report, flat, files, tracking_uri=uri, run_dir=cfg.output.dir, experiment=cfg.mlflow.experiment,
+            run_name=cfg.mlflow.run_name)
     return stats
 
 

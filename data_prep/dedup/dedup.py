@@ -24,193 +24,21 @@ from __future__ import annotations
 
 import json
 import time
-import unicodedata
-from dataclasses import asdict, dataclass, field, fields
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import xxhash
 
 from ...common.atomic import atomic_write_bytes, atomic_writer
 from ..readers.documents import SkipLog, iter_records
-from .minhash import (MinHasher, WordSpans, connected_min_labels, lsh_links,
-                                        optimal_bands_rows, split_words)
-from ..readers.web_document import content_id
+# DedupConfig, config_flag_names and normalize_text are imported from here by the dedup CLI and bench/.
+from .config import DedupConfig, config_flag_names  # noqa: F401
+from .keys import exact_keys, hash128, normalize_text, normalize_url, prenormalize_text, record_id  # noqa: F401
+from .minhash import MinHasher, connected_min_labels, lsh_links, split_words
 
 REASONS = ("duplicate_url", "duplicate_exact", "duplicate_fuzzy")
 # Layout of the hashes in signature files; bumped whenever they change for equal inputs, so that phase 2
 # refuses to mix files from before and after (e.g. a corpus build resumed across an upgrade).
 SIGNATURE_VERSION = 2
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "ws": 80, "wss": 443}
-_MASK64 = (1 << 64) - 1
-
-
-@dataclass(kw_only=True)
-class DedupConfig:
-    """What to deduplicate and how; phases 1-3 of one run must get equal configs."""
-
-    text_field: str = "text"
-    """Record field holding the document text (records without a string there are counted skips)."""
-    id_field: str = "id"
-    """Record field holding the document id written to duplicates; missing -> ``content_id(text)``."""
-    url_field: str = "url"
-    """Record field holding the document URL; records without a non-empty string there skip URL dedup."""
-    url: bool = True
-    """URL dedup on the normalised URL (see ``normalize_url``)."""
-    exact: bool = True
-    """Exact dedup on the xxh3-128 hash of the normalised text (see ``normalize_text``)."""
-    fuzzy: bool = True
-    """Fuzzy dedup with MinHash LSH over word n-gram shingles of the normalised text."""
-    threshold: float = 0.8
-    """Jaccard similarity of shingle sets at which documents count as near-duplicates, in (0, 1)."""
-    num_perm: int = 128
-    """MinHash hash functions per signature."""
-    ngram: int = 5
-    """Words per shingle."""
-    bands: int | None = None
-    """LSH bands; None: chosen with ``rows`` by ``optimal_bands_rows`` for ``threshold``."""
-    rows: int | None = None
-    """Signature values per band; give both ``bands`` and ``rows`` or neither (bands * rows <= num_perm)."""
-    false_positive_weight: float = 0.1
-    """Weight of the false-positive area of the S-curve when choosing bands and rows. Low by default:
-    with ``verify`` a false-positive candidate costs one signature comparison, not precision."""
-    false_negative_weight: float = 0.9
-    """Weight of the false-negative area of the S-curve when choosing bands and rows. High by default,
-    since a missed candidate is a missed duplicate: at threshold 0.8 and 128 permutations, 0.1 / 0.9
-    give 14 bands x 9 rows, which make a pair of Jaccard 0.85 a candidate with probability 0.975
-    (0.5 / 0.5 give 9 x 13: 0.69), at 0.027 for Jaccard 0.5 (9 x 13: 0.001)."""
-    verify: bool = True
-    """Link an LSH candidate pair only if its estimated Jaccard is >= threshold (better precision)."""
-    seed: int = 1
-    """Seed of the MinHash functions: signature files are comparable only under the same seed."""
-    batch_docs: int = 1024
-    """At most this many documents per numpy hashing batch in phase 1."""
-    batch_bytes: int = 1 << 19
-    """A phase-1 batch is hashed once its texts reach this many bytes (or ``batch_docs`` documents).
-    Larger batches make fewer numpy calls, but their temporaries grow past what the C allocator keeps
-    for reuse, and faulting in fresh pages then costs more than the calls saved (measured: 4,600
-    documents hashed in 0.11 s CPU with 256 KiB-1 MiB batches, 0.19 s with 2 MiB ones)."""
-
-    def errors(self, names: dict[str, str] | None = None) -> list[str]:
-        """Every invalid field, each message starting with its name (``names`` maps field -> flag)."""
-        name = (names or {}).get
-        errors = []
-
-        def bad(key: str, message: str) -> None:
-            errors.append(f"{name(key, key)} {message}")
-
-        if not 0.0 < self.threshold < 1.0:
-            bad("threshold", f"must be in (0, 1), got {self.threshold}")
-        for key in ("num_perm", "ngram", "batch_docs", "batch_bytes"):
-            if getattr(self, key) < 1:
-                bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if (self.bands is None) != (self.rows is None):
-            missing, given = ("bands", "rows") if self.bands is None else ("rows", "bands")
-            bad(missing, f"must be given together with {name(given, given)}")
-        elif self.bands is not None:
-            if self.bands < 1 or self.rows < 1:
-                bad("bands", f"and {name('rows', 'rows')} must be >= 1, got {self.bands} and {self.rows}")
-            elif self.bands * self.rows > self.num_perm:
-                bad("bands", f"x {name('rows', 'rows')} = {self.bands * self.rows} exceeds "
-                    f"{name('num_perm', 'num_perm')} = {self.num_perm}")
-        for key in ("false_positive_weight", "false_negative_weight"):
-            if getattr(self, key) < 0:
-                bad(key, f"must be >= 0, got {getattr(self, key)}")
-        if not (self.url or self.exact or self.fuzzy):
-            errors.append("every dedup kind is disabled (url, exact, fuzzy): nothing to do")
-        return errors
-
-    def check(self) -> None:
-        """Raise ValueError listing every invalid field."""
-        errors = self.errors()
-        if errors:
-            raise ValueError("; ".join(errors))
-
-    def batch_full(self, docs: int, text_bytes: int) -> bool:
-        """Whether a phase-1 batch of ``docs`` texts holding ``text_bytes`` bytes is to be hashed now."""
-        return docs >= self.batch_docs or text_bytes >= self.batch_bytes
-
-    def lsh_shape(self) -> tuple[int, int]:
-        """(bands, rows): the explicit ones, else those minimising the weighted S-curve error area."""
-        if self.bands is not None and self.rows is not None:
-            return self.bands, self.rows
-        return optimal_bands_rows(self.threshold, self.num_perm, false_positive_weight=self.false_positive_weight,
-                                  false_negative_weight=self.false_negative_weight)
-
-
-def normalize_url(url: str) -> str:
-    """The URL dedup key. Rules: surrounding whitespace stripped; scheme and host lowercased; the default
-    port of the scheme (http 80, https 443, ftp 21, ws 80, wss 443) dropped; the fragment dropped;
-    trailing slashes of the path dropped (``http://a.org/`` == ``http://a.org``); query parameters
-    decoded, sorted by name then value and re-encoded (blank values kept). The path keeps its case."""
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    netloc = parts.netloc.lower()
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:  # a non-numeric or out-of-range port: keep the netloc as written (lowercased)
-        host, port = None, None
-    if host is not None:
-        userinfo = parts.netloc.rpartition("@")[0]
-        host = f"[{host}]" if ":" in host else host  # IPv6 literals keep their brackets
-        netloc = (f"{userinfo}@" if userinfo else "") + host
-        if port is not None and _DEFAULT_PORTS.get(scheme) != port:
-            netloc += f":{port}"
-    query = urlencode(sorted(parse_qsl(parts.query, keep_blank_values=True)))
-    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), query, ""))
-
-
-def normalize_text(text: str) -> bytes:
-    """The exact-dedup key text and the fuzzy shingle source: NFKC, lowercase, whitespace runs -> one
-    space, stripped; UTF-8. Its space-separated words are the words of the shingles."""
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split()).encode("utf-8")
-
-
-# ASCII whitespace of ``str.split`` (\t \n \v \f \r and the separators 0x1c-0x1f) -> space
-_ASCII_SPACES = bytes.maketrans(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f", b" " * 9)
-
-
-def prenormalize_text(text: str) -> bytes:
-    """``normalize_text`` but for its whitespace collapse, which ``split_words`` makes unnecessary: the
-    same words (maximal runs of non-space bytes). For an ASCII text (most of a web corpus), NFKC and
-    lowercase, then its whitespace bytes become spaces in one ``bytes.translate``; the per-word split
-    and join of ``normalize_text`` cost ~19 us per 400-word document, a third of phase 1's work after
-    JSON parsing.
-    Other texts get ``normalize_text`` itself (Unicode whitespace needs ``str.split``)."""
-    lowered = unicodedata.normalize("NFKC", text).lower()
-    if lowered.isascii():
-        return lowered.encode("ascii").translate(_ASCII_SPACES)
-    return " ".join(lowered.split()).encode("utf-8")
-
-
-def _exact_keys(spans: WordSpans) -> list[tuple[int, int]]:
-    """The exact-dedup key of every text of a batch: the xxh3-128 of its ``normalize_text`` bytes, i.e.
-    its words joined by single spaces, cut out of the batch buffer (the other spaces dropped)."""
-    data = np.frombuffer(spans.buffer, dtype=np.uint8)  # [n_bytes + 9]
-    keep = data != 32  # [n_bytes + 9] word bytes ...
-    keep[len(data) - 8:] = False  # ... but the zero padding
-    first = np.cumsum(spans.counts) - spans.counts  # [n_docs] index of each text's first word
-    later = np.ones(len(spans.starts), dtype=bool)  # [n_words] words after their text's first
-    later[first[spans.counts > 0]] = False
-    keep[spans.starts[later] - 1] = True  # one space before each of them
-    collapsed = memoryview(data[keep].tobytes())  # the normalised texts back to back
-    word_bytes = np.concatenate(([0], np.cumsum(spans.lengths)))  # [n_words + 1]
-    ends = np.cumsum(spans.counts)  # [n_docs] one past each text's last word
-    sizes = word_bytes[ends] - word_bytes[first] + np.maximum(spans.counts - 1, 0)  # [n_docs] bytes
-    offsets = np.concatenate(([0], np.cumsum(sizes))).tolist()
-    return [_hash128(collapsed[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-
-
-def _hash128(data: bytes) -> tuple[int, int]:
-    value = xxhash.xxh3_128_intdigest(data)
-    return value >> 64, value & _MASK64
-
-
-def _record_id(record: dict, config: DedupConfig) -> str:
-    value = record.get(config.id_field)
-    if value is None or isinstance(value, (dict, list)):
-        return content_id(record[config.text_field])
-    return str(value)
 
 
 def _pack_strings(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -265,7 +93,7 @@ def compute_signatures(shard_path: str, signature_path: str, config: DedupConfig
     def flush() -> None:
         spans = split_words(batch_texts)
         if config.exact:
-            text_hash.extend(_exact_keys(spans))
+            text_hash.extend(exact_keys(spans))
         if config.fuzzy:
             signatures, has_shingles = hasher.batch(spans)
             sig_parts.append(signatures)
@@ -273,10 +101,10 @@ def compute_signatures(shard_path: str, signature_path: str, config: DedupConfig
         batch_texts.clear()
 
     for record, _ in iter_records(shard_path, config.text_field, skips):
-        ids.append(_record_id(record, config))
+        ids.append(record_id(record, config))
         url = record.get(config.url_field) if config.url else None
         has_url.append(isinstance(url, str) and bool(url.strip()))
-        url_hash.append(_hash128(normalize_url(url).encode("utf-8")) if has_url[-1] else (0, 0))
+        url_hash.append(hash128(normalize_url(url).encode("utf-8")) if has_url[-1] else (0, 0))
         if config.exact or config.fuzzy:
             batch_texts.append(prenormalize_text(record[config.text_field]))
             batch_bytes += len(batch_texts[-1])
@@ -463,8 +291,3 @@ def write_duplicates(removal_path: str, out_path: str) -> int:
                 "duplicate_of": _unpack_string(removal["survivor_id_blob"], removal["survivor_id_offsets"], k),
                 "reason": REASONS[int(reasons[k])]}, ensure_ascii=False) + "\n")
     return len(reasons)
-
-
-def config_flag_names() -> dict[str, str]:
-    """Config field -> CLI flag (``num_perm`` -> ``--num-perm``), for error messages."""
-    return {f.name: "--" + f.name.replace("_", "-") for f in fields(DedupConfig)}

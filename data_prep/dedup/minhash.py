@@ -31,28 +31,19 @@ _BYTE_MUL = np.uint64(0x9E3779B97F4A7C15)
 _BLOCK = 8192
 
 
-def lsh_error_area(threshold: float, bands: int, rows: int, *, false_positive_weight: float = 0.5,
-                   false_negative_weight: float = 0.5, grid: int = 1001) -> float:
-    """Weighted area under the S-curve P(candidate | s) = 1 - (1 - s^rows)^bands below ``threshold``
-    (false positives) plus the area above it under 1 - P (false negatives), by the trapezoid rule."""
-    below = np.linspace(0.0, threshold, grid)
-    above = np.linspace(threshold, 1.0, grid)
-    fp = np.trapezoid(1.0 - (1.0 - below**rows) ** bands, below)
-    fn = np.trapezoid((1.0 - above**rows) ** bands, above)
-    return float(false_positive_weight * fp + false_negative_weight * fn)
-
-
 def optimal_bands_rows(threshold: float, num_perm: int, *, false_positive_weight: float = 0.5,
                        false_negative_weight: float = 0.5) -> tuple[int, int]:
-    """(bands, rows) with bands * rows <= num_perm minimising ``lsh_error_area``; ties go to the first
-    in (bands, rows) order (fewest bands), so the choice is deterministic.
+    """(bands, rows) with bands * rows <= num_perm minimising the weighted S-curve error area: the area
+    under P(candidate | s) = 1 - (1 - s^rows)^bands below ``threshold`` (false positives) plus the area
+    above it under 1 - P (false negatives), by the trapezoid rule on 1001 points each. Ties go to the
+    first in (bands, rows) order (fewest bands), so the choice is deterministic.
 
-    All shapes are scored in one numpy expression: a Python loop calling ``lsh_error_area`` per shape
-    cost ~45 ms at num_perm 128, a visible share of a small run's clustering phase."""
+    All shapes are scored in one numpy expression: a Python loop scoring one shape at a time cost ~45 ms
+    at num_perm 128, a visible share of a small run's clustering phase."""
     shapes = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)],
                       dtype=np.float64)  # [n_shapes, 2] in (bands, rows) order
     bands, rows = shapes[:, :1], shapes[:, 1:].astype(np.int64)[:, 0]  # [n_shapes, 1], [n_shapes]
-    below = np.linspace(0.0, threshold, 1001)  # the grid of lsh_error_area
+    below = np.linspace(0.0, threshold, 1001)
     above = np.linspace(threshold, 1.0, 1001)
     # s^rows has only num_perm distinct exponents: one [num_perm, grid] table, gathered per shape
     exponents = np.arange(num_perm + 1, dtype=np.float64)[:, None]  # [num_perm + 1, 1]
@@ -60,11 +51,6 @@ def optimal_bands_rows(threshold: float, num_perm: int, *, false_positive_weight
     fn = np.trapezoid((1.0 - (above**exponents)[rows]) ** bands, above, axis=1)  # [n_shapes]
     best = int(np.argmin(false_positive_weight * fp + false_negative_weight * fn))  # first minimum
     return int(shapes[best, 0]), int(shapes[best, 1])
-
-
-def candidate_probability(similarity: float, bands: int, rows: int) -> float:
-    """P(two documents of Jaccard ``similarity`` share at least one band) = 1 - (1 - s^rows)^bands."""
-    return 1.0 - (1.0 - similarity**rows) ** bands
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -255,12 +241,6 @@ def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
         out *= _FINAL_MUL_2
         out ^= out >> np.uint64(32)
     return out
-
-
-def shingle_set_hashes(hasher: MinHasher, text: bytes) -> set[int]:
-    """The set of 32-bit shingle hashes of one normalised text (exact Jaccard checks in tests)."""
-    shingles, _ = hasher.shingle_hashes(*hasher.word_hashes([text]))
-    return set(shingles.tolist())
 
 
 def connected_min_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The GPT-3 quality classifier (Brown et al. 2020, Appendix A; see reference.md "Appendix A").
+"""The GPT-3 quality classifier (Brown et al. 2020, Appendix A).
 
 GPT-3 trained a logistic regression on Spark's Tokenizer + HashingTF features with a high-quality
 reference corpus (WebText, Wikipedia, web books) as positives and unfiltered Common Crawl as negatives,
@@ -23,6 +23,7 @@ from collections import Counter
 import numpy as np
 import xxhash
 
+from ...common.errors import UserError
 from ...common.atomic import atomic_write_bytes
 from ..readers.documents import SkipLog, check_input_files, iter_records
 
@@ -75,13 +76,13 @@ def train_quality_classifier(positive_paths: list[str], negative_paths: list[str
     if max_documents is not None and max_documents < 1:
         errors.append(f"max_documents: must be positive, got {max_documents}")
     if errors:
-        raise ValueError("; ".join(errors))
+        raise UserError("; ".join(errors))
     skips = SkipLog()
     positives = _read_texts(list(positive_paths), text_field, max_documents, skips)
     negatives = _read_texts(list(negative_paths), text_field, max_documents, skips)
     for name, texts in (("positive_paths", positives), ("negative_paths", negatives)):
         if len(texts) < 2:
-            raise ValueError(f"{name}: need at least 2 documents with a non-empty {text_field!r} field, "
+            raise UserError(f"{name}: need at least 2 documents with a non-empty {text_field!r} field, "
                              f"read {len(texts)} ({skips.summary()})")
     texts = positives + negatives
     labels = np.array([1] * len(positives) + [0] * len(negatives), dtype=np.int8)

@@ -1,4 +1,4 @@
-"""Benchmark decontamination as in GPT-3 (Brown et al. 2020, Appendix C; see reference.md "Appendix C").
+"""Benchmark decontamination as in GPT-3 (Brown et al. 2020, Appendix C).
 
 The rules: n-grams (n = 13) of lowercased, punctuation-stripped, whitespace-split words; for each
 benchmark n-gram found in a training document, remove the n-gram and 200 characters around it, which

@@ -66,29 +66,6 @@ def check_input_files(paths: list[str], flag: str = "input") -> list[str]:
     return errors
 
 
-def strict_json_lines(path: str, error: type[ValueError] = ValueError) -> list[tuple[int, dict]]:
-    """(line number, object) of a small JSONL(.gz) file that must be valid throughout (task and
-    fine-tuning files, not corpora): the first bad line raises ``error`` naming the file and line."""
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise error(f"{path}: cannot read it as UTF-8 JSON lines ({err})") from None
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise error(f"{path} line {number}: not JSON ({err.msg})") from None
-        if not isinstance(obj, dict):
-            raise error(f"{path} line {number}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((number, obj))
-    return rows
-
-
 def iter_texts(path: str, text_field: str, skips: SkipLog) -> Iterator[str]:
     """Yield the ``text_field`` of every valid record of one JSONL or Parquet file."""
     for record, _ in iter_records(path, text_field, skips):
