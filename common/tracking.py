@@ -7,7 +7,6 @@ The embedded default is a sqlite store under the run directory; ``MLFLOW_TRACKIN
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -15,9 +14,7 @@ import time
 import warnings
 from typing import Any, Callable
 
-# Per request to an http(s) server: no MLflow-level retries (its defaults back off for minutes before
-# failing) and a short timeout; the Tracker's own retry loop decides how long to keep trying.
-REQUEST_MAX_RETRIES = 0
+# How long the reachability check of an http(s) server waits for an answer.
 REQUEST_TIMEOUT = 10
 
 
@@ -35,57 +32,17 @@ def default_artifact_root(tracking_uri: str, run_dir: str) -> str | None:
     return os.path.join(run_dir, "mlartifacts") if tracking_uri.startswith("sqlite:") else None
 
 
-def _client_for(tracking_uri: str):
-    """An ``MlflowClient`` for ``tracking_uri``; for an http(s) server its tracking requests carry
-    ``REQUEST_MAX_RETRIES`` and ``REQUEST_TIMEOUT`` themselves, so nothing else in the process that talks
-    to MLflow has its request settings changed (MLflow reads them from the environment per request, and
-    its client takes no per-client settings: the REST store is the narrowest place they can be given). Artifact uploads to a server go
-    through MLflow's artifact repository, which keeps MLflow's own settings."""
-    from mlflow.tracking import MlflowClient
+def check_reachable(tracking_uri: str) -> None:
+    """Raise ``OSError`` within ``REQUEST_TIMEOUT`` seconds when an http(s) tracking server does not answer.
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    MLflow's client retries a refused connection with backoff for minutes before failing, and its request
+    settings are process-wide environment variables, which the Tracker leaves alone: this check is what
+    makes a server that is down at the start cost seconds. A server that goes down later only slows the
+    background thread (``close`` gives up flushing after its timeout)."""
     if tracking_uri.split(":", 1)[0].lower() in ("http", "https"):
-        client._tracking_client = _fail_fast_service(tracking_uri)
-    return client
+        import urllib.request
 
-
-def _fail_fast_service(tracking_uri: str):
-    from functools import partial
-
-    from mlflow.store.tracking.rest_store import RestStore
-    from mlflow.tracking._tracking_service.client import TrackingServiceClient
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.proto_json_utils import parse_dict
-    from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-    class FailFastRestStore(RestStore):
-        """``RestStore._call_endpoint`` with this module's retry count and timeout on every request."""
-
-        def _call_endpoint(self, api, json_body=None, endpoint=None, retry_timeout_seconds=None,
-                           response_proto=None):
-            # As RestStore._call_endpoint does (MLflow 3; the v3 routes and workspaces are newer than 2.x).
-            if hasattr(self, "_validate_workspace_support_if_specified"):
-                self._validate_workspace_support_if_specified()
-            v3 = api in getattr(self, "_V3_APIS", ())
-            path, method = (self._V3_METHOD_TO_INFO if v3 else self._METHOD_TO_INFO)[api]
-            endpoint = endpoint or path
-            body = json.loads(json_body) if json_body is not None else None
-            response = http_request(self.get_host_creds(), endpoint, method, max_retries=REQUEST_MAX_RETRIES,
-                                    timeout=REQUEST_TIMEOUT, **{"params" if method == "GET" else "json": body})
-            response = verify_rest_response(response, endpoint)
-            proto = response_proto or api.Response()
-            if response.status_code != 204:
-                parse_dict(js_dict=json.loads(response.text), message=proto)
-            return proto
-
-    store = FailFastRestStore(partial(get_default_host_creds, tracking_uri))
-
-    class FailFastService(TrackingServiceClient):
-        @property
-        def store(self):
-            return store
-
-    return FailFastService(tracking_uri)
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=REQUEST_TIMEOUT).close()
 
 
 class Tracker:
@@ -106,7 +63,10 @@ class Tracker:
         self._thread.start()
 
     def _open(self, experiment: str, run_name: str | None, run_id: str | None, artifact_root: str | None) -> None:
-        client = _client_for(self.tracking_uri)
+        from mlflow.tracking import MlflowClient
+
+        check_reachable(self.tracking_uri)
+        client = MlflowClient(tracking_uri=self.tracking_uri)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
