@@ -5,8 +5,8 @@
    end-of-text tokens, into windows of ``--seq-len`` tokens (GPT-3 Appendix B packs training data the
    same way); every token but the first is predicted once. Reported: mean token loss and its exp.
 2. Tasks (``--task FILE``): the JSONL format of ``eval_tasks.py`` / ``docs/evaluation.md``, each scored
-   with K = each of ``--shots`` demonstrations by GPT-3's rules (``/work/shared/reference.md``,
-   "GPT-3 ... Evaluation"): LAMBADA last-word accuracy (greedy) and perplexity; multiple choice by
+   with K = each of ``--shots`` demonstrations by GPT-3's rules (GPT-3, Brown et al. 2020,
+   section 2.4 "Evaluation"): LAMBADA last-word accuracy (greedy) and perplexity; multiple choice by
    log-likelihood, total, per token and (when the task asks) against ``"Answer: "``.
 
 Results go to ``OUTPUT/eval_results.json`` and stdout, and to MLflow (a sqlite store in OUTPUT unless
@@ -15,7 +15,6 @@ Results go to ``OUTPUT/eval_results.json`` and stdout, and to MLflow (a sqlite s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,63 +22,36 @@ import sys
 import numpy as np
 import torch
 
+from ..common.errors import UserError
 from .tasks import (ChoiceScores, Task, choose, completion_logprobs, fit_prompt, load_task,
                                           perplexity, sample_demonstrations)
 
 RESULTS_FILE = "eval_results.json"
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval", help="validation perplexity and zero/one/few-shot tasks of a checkpoint",
-        description="Perplexity on indexed datasets (--data) and GPT-3-style K-shot tasks from JSONL files "
-                    "(--task; format: docs/evaluation.md). Results: OUTPUT/eval_results.json, stdout, MLflow.")
-    p.add_argument("checkpoint", help="a step_NNNNNNNN folder, a checkpoints/ folder or a run folder "
-                                      "(the newest complete checkpoint in it)")
-    p.add_argument("--data", action="append", default=[], metavar="PREFIX",
-                   help="indexed dataset prefix (PREFIX.bin/.idx/.json from 'gptforge tokenize'); repeatable")
-    p.add_argument("--data-split", default=None, metavar="TRAIN,VALID,TEST",
-                   help="score only the validation documents of this split (the rule of data.split in "
-                        "training); default: every document")
-    p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: the model's context)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens per --data")
-    p.add_argument("--task", dest="tasks", action="append", default=[], metavar="FILE",
-                   help="a JSONL task file; repeatable")
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 1], metavar="K",
-                   help="demonstrations per prompt, one evaluation per value (default: 0 1)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draws")
-    p.add_argument("--limit", type=int, default=None, help="score at most this many test examples per task")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--output", default=None, help="results folder (default: CHECKPOINT_STEP_FOLDER/eval)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--mlflow-experiment", default="gptforge-eval")
-    p.set_defaults(func=cmd_eval)
-    return p
-
-
-def check_args(args: argparse.Namespace) -> None:
+def check_eval_flags(*, data: list[str], tasks: list[str], seq_len: int | None, max_tokens: int | None,
+                     limit: int | None, batch_size: int, shots: list[int], data_split: str | None) -> None:
     """Every flag problem before the checkpoint is read."""
     from ..training.data import split_fractions
 
     errors = []
-    if not args.data and not args.tasks:
+    if not data and not tasks:
         errors.append("give at least one --data PREFIX or --task FILE")
-    for flag, value, low in (("--seq-len", args.seq_len, 2), ("--max-tokens", args.max_tokens, 2),
-                             ("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1)):
+    for flag, value, low in (("--seq-len", seq_len, 2), ("--max-tokens", max_tokens, 2),
+                             ("--limit", limit, 1), ("--batch-size", batch_size, 1)):
         if value is not None and value < low:
             errors.append(f"{flag} must be >= {low}, got {value}")
-    if any(k < 0 for k in args.shots):
-        errors.append(f"--shots must be >= 0, got {args.shots}")
-    if args.data_split is not None:
+    if any(k < 0 for k in shots):
+        errors.append(f"--shots must be >= 0, got {shots}")
+    if data_split is not None:
         try:
-            fractions = split_fractions(args.data_split)
+            fractions = split_fractions(data_split)
             if len(fractions) != 3 or min(fractions) < 0 or fractions[1] <= 0:
                 raise ValueError
         except (ValueError, ZeroDivisionError):
-            errors.append(f"--data-split: expected 'train,valid,test' weights with valid > 0, got {args.data_split!r}")
+            errors.append(f"--data-split: expected 'train,valid,test' weights with valid > 0, got {data_split!r}")
     if errors:
-        raise ValueError("\n".join(errors))
+        raise UserError("\n".join(errors))
 
 
 # ---------------------------------------------------------------------------------------------- perplexity
@@ -105,9 +77,9 @@ def read_token_stream(prefix: str, tokenizer_sha: str, split: str | None, max_to
     try:
         meta = read_metadata(prefix)
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"--data {prefix}: {err}") from None
+        raise UserError(f"--data {prefix}: {err}") from None
     if meta.get("tokenizer", {}).get("sha256") != tokenizer_sha:
-        raise ValueError(f"--data {prefix}: tokenized with {meta.get('tokenizer', {}).get('path')}, not with the "
+        raise UserError(f"--data {prefix}: tokenized with {meta.get('tokenizer', {}).get('path')}, not with the "
                          f"checkpoint's tokenizer; re-run 'gptforge tokenize' with the checkpoint's tokenizer file")
     _, _, indexed_dataset = import_megatron_datasets()
     index = indexed_dataset.IndexedDataset(prefix, mmap=True)
@@ -123,7 +95,7 @@ def read_token_stream(prefix: str, tokenizer_sha: str, split: str | None, max_to
     if max_tokens is not None:
         stream = stream[:max_tokens]
     if stream.size < 2:
-        raise ValueError(f"--data {prefix}: documents {begin}..{end} hold {stream.size} token(s); "
+        raise UserError(f"--data {prefix}: documents {begin}..{end} hold {stream.size} token(s); "
                          f"perplexity needs at least 2")
     return stream, (begin, end)
 
@@ -250,11 +222,11 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 
 def log_to_mlflow(results: dict, output: str, experiment: str, results_path: str) -> None:
-    from ..common.tracking import Tracker, default_tracking_uri
+    from ..common.tracking import Tracker, default_artifact_root, default_tracking_uri
 
-    tracker = Tracker(tracking_uri=default_tracking_uri(output, None), experiment=experiment,
-                      run_name=f"eval step {results['step']}", run_id=None,
-                      artifact_root=os.path.join(output, "mlartifacts"))
+    uri = default_tracking_uri(output, None)
+    tracker = Tracker(tracking_uri=uri, experiment=experiment, run_name=f"eval step {results['step']}", run_id=None,
+                      artifact_root=default_artifact_root(uri, output))
     tracker.log_params({"checkpoint": results["checkpoint"], "shots": results["settings"]["shots"],
                         "seed": results["settings"]["seed"], "tasks": ",".join(results["tasks"]),
                         "data": ",".join(results["perplexity"])})
@@ -264,51 +236,57 @@ def log_to_mlflow(results: dict, output: str, experiment: str, results_path: str
     results["mlflow_run_id"] = tracker.run_id
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def evaluate_checkpoint(checkpoint: str, *, data: list[str] = (), tasks: list[str] = (), data_split: str | None = None,
+                        seq_len: int | None = None, max_tokens: int | None = None, shots: list[int] = (0, 1),
+                        seed: int = 1234, limit: int | None = None, batch_size: int = 8, device: str = "cpu",
+                        output: str | None = None, mlflow: bool = True,
+                        mlflow_experiment: str = "gptforge-eval") -> dict:
+    """``gptforge eval``: the results written to ``OUTPUT/eval_results.json`` (and MLflow unless not ``mlflow``)."""
     from ..common.atomic import atomic_write_json
     from ..data_prep.tokenization.tokenizer import Tokenizer
     from .generate import parse_device
     from ..training.trained_model import load_trained_model
 
-    check_args(args)
-    tasks = [load_task(path) for path in args.tasks]  # file errors before the checkpoint is read
-    for task in tasks:
-        if max(args.shots) > len(task.train):
-            raise ValueError(f"--shots {max(args.shots)}: {task.path} has only {len(task.train)} training examples")
-    device = parse_device(args.device)
-    trained = load_trained_model(args.checkpoint, device=device)
+    data, shots = list(data), list(shots)
+    check_eval_flags(data=data, tasks=list(tasks), seq_len=seq_len, max_tokens=max_tokens, limit=limit,
+                     batch_size=batch_size, shots=shots, data_split=data_split)
+    loaded = [load_task(path) for path in tasks]  # file errors before the checkpoint is read
+    for task in loaded:
+        if max(shots) > len(task.train):
+            raise UserError(f"--shots {max(shots)}: {task.path} has only {len(task.train)} training examples")
+    device = parse_device(device)
+    trained = load_trained_model(checkpoint, device=device)
     print(f"checkpoint {trained.checkpoint} (step {trained.state.get('step')})", file=sys.stderr)
     tokenizer = Tokenizer(trained.tokenizer_path)
     model = trained.model
-    seq_len = args.seq_len or model.config.context_length
+    seq_len = seq_len or model.config.context_length
     if seq_len > model.config.context_length:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's context length {model.config.context_length}")
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context length {model.config.context_length}")
 
     results = {"checkpoint": trained.checkpoint, "step": trained.state.get("step"),
-               "settings": {"shots": args.shots, "seed": args.seed, "limit": args.limit, "seq_len": seq_len,
-                            "data_split": args.data_split, "max_tokens": args.max_tokens},
+               "settings": {"shots": shots, "seed": seed, "limit": limit, "seq_len": seq_len,
+                            "data_split": data_split, "max_tokens": max_tokens},
                "perplexity": {}, "tasks": {}}
-    for prefix in args.data:
-        stream, (begin, end) = read_token_stream(prefix, tokenizer.sha256, args.data_split, args.max_tokens)
-        nll, count = stream_loss(model, stream, seq_len, args.batch_size, device)
+    for prefix in data:
+        stream, (begin, end) = read_token_stream(prefix, tokenizer.sha256, data_split, max_tokens)
+        nll, count = stream_loss(model, stream, seq_len, batch_size, device)
         results["perplexity"][prefix] = {"documents": [begin, end], "tokens": count, "mean_loss": nll / count,
                                          "perplexity": perplexity(nll, count)}
-    for task in tasks:
+    for task in loaded:
         if task.name in results["tasks"]:
-            raise ValueError(f"--task {task.path}: task name {task.name!r} is used by another --task file")
-        by_shots = {str(k): evaluate_task(model, tokenizer, task, shots=k, seed=args.seed, limit=args.limit,
-                                          batch_size=args.batch_size, device=device) for k in args.shots}
+            raise UserError(f"--task {task.path}: task name {task.name!r} is used by another --task file")
+        by_shots = {str(k): evaluate_task(model, tokenizer, task, shots=k, seed=seed, limit=limit,
+                                          batch_size=batch_size, device=device) for k in shots}
         notes = [f"{k}-shot: {row['prompts_with_dropped_demonstrations']} of {row['examples']} prompts dropped "
                  f"{row['demonstrations_dropped']} demonstration(s) to fit the context of {model.config.context_length}"
                  for k, row in by_shots.items() if row["demonstrations_dropped"]]
         results["tasks"][task.name] = {"type": task.type, "file": task.path, "shots": by_shots, "notes": notes}
 
-    output = args.output or os.path.join(trained.checkpoint, "eval")
+    output = output or os.path.join(trained.checkpoint, "eval")
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, RESULTS_FILE)
     atomic_write_json(path, results)
-    if not args.no_mlflow:
-        log_to_mlflow(results, output, args.mlflow_experiment, path)
+    if mlflow:
+        log_to_mlflow(results, output, mlflow_experiment, path)
         atomic_write_json(path, results)  # now with the MLflow run id
-    print(json.dumps(results, indent=2))
-    return 0
+    return results

@@ -8,13 +8,13 @@ context. Prompts longer than that are an error, never cut silently.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from ..common.errors import UserError
 from ..model.sample import Generation, SamplingConfig, SamplingError, check_prompt, generate
 
 
@@ -35,53 +35,20 @@ class Prompt:
     text: str
 
 
-def _source(flag: str):
-    return lambda value: PromptSource(flag=flag, value=value)
-
-
-def add_generate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "generate", help="continue prompts with a trained model (KV cache)",
-        description="Sample continuations of each prompt from a checkpoint of any parallel layout. A sequence "
-                    "ends at <|endoftext|>, after --max-new-tokens, or when prompt plus continuation fill the "
-                    "model's context; a prompt that does not leave room for one new token is an error.")
-    p.add_argument("checkpoint", help="a step_NNNNNNNN folder, a checkpoints/ folder or a run folder "
-                                      "(the newest complete checkpoint in it)")
-    p.add_argument("--prompt", dest="prompts", action="append", type=_source("--prompt"), default=[],
-                   metavar="TEXT", help="a prompt; repeatable")
-    p.add_argument("--prompt-file", dest="prompts", action="append", type=_source("--prompt-file"),
-                   metavar="FILE", help="a UTF-8 file whose whole text (less one final newline) is one prompt; "
-                                        "repeatable, in order with --prompt")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", default=100, help="per sequence (default 100)")
-    p.add_argument("--temperature", type=float, metavar="T", default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, metavar="K", default=None,
-                   help="sample among the K most likely tokens (default: all)")
-    p.add_argument("--top-p", type=float, metavar="P", default=1.0,
-                   help="nucleus sampling: the most likely tokens holding probability P, in (0, 1] (default 1.0)")
-    p.add_argument("--num-sequences", type=int, metavar="N", default=1,
-                   help="continuations per prompt, one batch (default 1)")
-    p.add_argument("--seed", type=int, metavar="S", default=0, help="same seed and flags -> same text (default 0)")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object per prompt: prompt, prompt_tokens, sequences (text, new_tokens, "
-                        "finish_reason)")
-    p.set_defaults(func=cmd_generate)
-    return p
-
-
-def sampling_config(args: argparse.Namespace, stop_token: int | None) -> SamplingConfig:
-    """The sampling settings of the flags; a ValueError naming every bad flag."""
+def sampling_config(*, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float,
+                    num_sequences: int, stop_token: int | None) -> SamplingConfig:
+    """The sampling settings of the flags; a UserError naming every bad flag."""
     try:
-        return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, num_sequences=args.num_sequences, stop_token=stop_token)
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, num_sequences=num_sequences, stop_token=stop_token)
     except SamplingError as err:
-        raise ValueError("; ".join(f"--{field.replace('_', '-')} {text}"
+        raise UserError("; ".join(f"--{field.replace('_', '-')} {text}"
                                    for field, text in err.problems.items())) from None
 
 
 def read_prompts(sources: list[PromptSource]) -> list[Prompt]:
     if not sources:
-        raise ValueError("give at least one --prompt TEXT or --prompt-file FILE")
+        raise UserError("give at least one --prompt TEXT or --prompt-file FILE")
     prompts = []
     for i, source in enumerate(sources, start=1):
         if source.flag == "--prompt-file":
@@ -90,13 +57,13 @@ def read_prompts(sources: list[PromptSource]) -> list[Prompt]:
                 with open(source.value, encoding="utf-8") as handle:
                     text = handle.read()
             except (OSError, UnicodeDecodeError) as err:
-                raise ValueError(f"{label}: cannot read it as UTF-8 text ({err})") from None
+                raise UserError(f"{label}: cannot read it as UTF-8 text ({err})") from None
             # Editors end files with a newline that is not meant as part of the prompt.
             text = text[:-1] if text.endswith("\n") else text
         else:
             label, text = f"--prompt #{i}", source.value
         if not text:
-            raise ValueError(f"{label} is empty: a prompt needs at least one character")
+            raise UserError(f"{label} is empty: a prompt needs at least one character")
         prompts.append(Prompt(label=label, text=text))
     return prompts
 
@@ -105,42 +72,46 @@ def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device ({err})") from None
+        raise UserError(f"--device {name!r} is not a device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def continue_prompts(checkpoint: str, sources: list[PromptSource], *, max_new_tokens: int = 100,
+                     temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, num_sequences: int = 1,
+                     seed: int = 0, device: str = "cpu", as_json: bool = False) -> None:
+    """``gptforge generate``: print the continuations of each prompt (text blocks, or one JSON line each)."""
     from ..data_prep.tokenization.tokenizer import Tokenizer
     from ..training.trained_model import load_trained_model
 
     # Every flag is checked before the (possibly large) checkpoint is read.
-    sampling_config(args, stop_token=None)
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    prompts = read_prompts(args.prompts)
-    device = parse_device(args.device)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    num_sequences=num_sequences)
+    sampling_config(**sampling, stop_token=None)
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    prompts = read_prompts(sources)
+    torch_device = parse_device(device)
 
-    trained = load_trained_model(args.checkpoint, device=device)
+    trained = load_trained_model(checkpoint, device=torch_device)
     print(f"checkpoint {trained.checkpoint} (step {trained.state.get('step')})", file=sys.stderr)
     tokenizer = Tokenizer(trained.tokenizer_path)
-    settings = sampling_config(args, stop_token=tokenizer.eod)
+    settings = sampling_config(**sampling, stop_token=tokenizer.eod)
     encoded = []
     for prompt in prompts:  # all prompts are checked before any output
         ids = tokenizer.encode(prompt.text)
         try:
             check_prompt(ids, trained.model)
         except ValueError as err:
-            raise ValueError(f"{prompt.label}: {err}") from None
+            raise UserError(f"{prompt.label}: {err}") from None
         encoded.append(ids)
 
     # One generator for the whole command: the same command and seed print the same text.
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=torch_device).manual_seed(seed)
     for number, (prompt, ids) in enumerate(zip(prompts, encoded), start=1):
         result = generate(trained.model, ids, settings, generator=generator)
-        print(render(prompt, number, result, tokenizer, as_json=args.json), flush=True)
-    return 0
+        print(render(prompt, number, result, tokenizer, as_json=as_json), flush=True)
 
 
 # How the text output names each finish_reason (the JSON output keeps the short names).

@@ -6,13 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from ..common.errors import UserError
+
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:
     """Round ``vocab_size`` up to a multiple of ``multiple`` (matmul-friendly embedding rows)."""
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """Every problem of a model config; ``errors`` holds one message per field."""
 
     def __init__(self, errors: list[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..common.errors import UserError
 from .config import GPTConfig
 
 
@@ -97,7 +98,7 @@ PRESETS: dict[str, Preset] = {
 def get_preset(name: str) -> Preset:
     """The preset called ``name``, or a ValueError listing the ones that exist."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 

@@ -17,10 +17,11 @@ from typing import Callable, Literal
 
 import torch
 
+from ..common.errors import UserError
 from .gpt import GPT, KVCache
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
     """Every problem of a ``SamplingConfig``; ``problems`` maps each field to what is wrong with it."""
 
     def __init__(self, problems: dict[str, str]) -> None:

@@ -13,7 +13,8 @@ import torch
 from gptforge.evaluation.tasks import (ChoiceScores, Example, Task, TaskFileError, build_prompt, choose,
                                           completion_logprobs, fit_prompt, load_task, perplexity,
                                           sample_demonstrations)
-from gptforge.evaluation.evaluate import add_eval_parser, document_range
+from gptforge.evaluation import cli as eval_cli
+from gptforge.evaluation.evaluate import document_range
 from gptforge.finetune.finetune import write_checkpoint
 from gptforge.model import build_model, get_preset
 
@@ -24,9 +25,8 @@ CHOICE = os.path.join(REPO, "configs", "eval", "choice-example.jsonl")
 
 def run_eval(*argv: str) -> int:
     parser = argparse.ArgumentParser()
-    add_eval_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *argv])
-    return args.func(args)
+    eval_cli.add_eval_arguments(parser)
+    return eval_cli.run_eval(parser.parse_args(list(argv)))
 
 
 @pytest.fixture(scope="module")

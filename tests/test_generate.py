@@ -12,7 +12,7 @@ import yaml
 from helpers.corpus import base_config
 from helpers.launch import run_train
 
-from gptforge.evaluation.generate import add_generate_parser
+from gptforge.evaluation import cli as eval_cli
 from gptforge.model import build_model, get_preset
 from gptforge.model.gpt import KVCache
 from gptforge.model.sample import SamplingConfig, SamplingError, check_prompt, filter_logits, generate, sample
@@ -167,10 +167,9 @@ def checkpoint(tmp_path_factory, tokenizer_model, indexed_prefix) -> str:
 
 
 def gptforge_generate(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="gptforge")
-    add_generate_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["generate", *argv])
-    return args.func(args)
+    parser = argparse.ArgumentParser(prog="gptforge generate")
+    eval_cli.add_generate_arguments(parser)
+    return eval_cli.run_generate(parser.parse_args(list(argv)))
 
 
 def test_generate_command_json_and_text(checkpoint, tmp_path, capsys):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.errors import UserError
 from .checkpoint import STATE_FILE, TOKENIZER_FILES, find_tokenizer, is_complete
 from ..model.config import GPTConfig
 from ..model.gpt import GPT
@@ -34,7 +35,7 @@ class TrainedModel:
 def resolve_checkpoint(path: str) -> str:
     """A step folder, a ``checkpoints`` folder or a run folder -> the newest complete step folder."""
     if not os.path.exists(path):
-        raise ValueError(f"checkpoint: no such file or folder {path!r}")
+        raise UserError(f"checkpoint: no such file or folder {path!r}")
     if is_complete(path):
         return path
     for folder in (path, os.path.join(path, "checkpoints")):
@@ -42,7 +43,7 @@ def resolve_checkpoint(path: str) -> str:
             steps = sorted(n for n in os.listdir(folder) if n.startswith("step_") and is_complete(os.path.join(folder, n)))
             if steps:
                 return os.path.join(folder, steps[-1])
-    raise ValueError(f"checkpoint: {path!r} holds no complete gptforge checkpoint (a step_NNNNNNNN folder with "
+    raise UserError(f"checkpoint: {path!r} holds no complete gptforge checkpoint (a step_NNNNNNNN folder with "
                      f"{STATE_FILE} and .metadata, or a run folder with checkpoints/)")
 
 
@@ -54,12 +55,12 @@ def load_trained_model(path: str, device: str | torch.device = "cpu") -> Trained
     with open(os.path.join(step_dir, STATE_FILE), encoding="utf-8") as handle:
         state = json.load(handle)
     if "model_config" not in state:
-        raise ValueError(f"checkpoint {step_dir!r} has no model config (written by an older gptforge); "
+        raise UserError(f"checkpoint {step_dir!r} has no model config (written by an older gptforge); "
                          f"resume training once to write a new checkpoint")
     config = GPTConfig(**state["model_config"])
     tokenizer_path = find_tokenizer(step_dir)
     if tokenizer_path is None:
-        raise ValueError(f"checkpoint {step_dir!r} has no tokenizer ({' or '.join(TOKENIZER_FILES.values())})")
+        raise UserError(f"checkpoint {step_dir!r} has no tokenizer ({' or '.join(TOKENIZER_FILES.values())})")
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

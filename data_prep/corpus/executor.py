@@ -21,11 +21,13 @@ import time
 from dataclasses import dataclass
 
 from ...common.atomic import atomic_write_text
+from ...common.errors import UserError
 
 
-class CorpusBuildError(ValueError):
-    """Tasks that failed (each named with its stage, shard and log or error). A ValueError so the command
-    line reports it as a message, not a traceback."""
+class CorpusBuildError(UserError):
+    """Tasks that failed (each named with its stage, shard and log or error). A UserError so the command
+    line reports it as a message: each task's own error or log is named in it, and a rerun redoes
+    only those tasks."""
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -23,6 +23,7 @@ from collections import Counter
 import numpy as np
 
 from ...common.atomic import atomic_write_bytes, atomic_write_json
+from ...common.errors import UserError
 from .config import CorpusPlan, fixed_dedup_config, load_plan
 from .executor import StageSpec, marker_path
 from .report import QUALITY_BINS
@@ -279,7 +280,7 @@ _RUN = {"filter": _filter, "signatures": _signatures, "cluster": _cluster, "writ
 def run_task(plan_path: str, stage: str, index: int) -> dict:
     """Run task ``index`` of ``stage`` unless its marker exists; returns its counts (the marker)."""
     if stage not in _RUN:
-        raise ValueError(f"--stage must be one of {', '.join(_RUN)}, got {stage!r}")
+        raise UserError(f"--stage must be one of {', '.join(_RUN)}, got {stage!r}")
     plan = load_plan(plan_path)
     marker = marker_path(plan.work_dir, stage, index)
     if os.path.isfile(marker):
@@ -288,7 +289,7 @@ def run_task(plan_path: str, stage: str, index: int) -> dict:
     per_shard = next(s.per_shard for s in STAGES if s.name == stage)
     count = plan.n_shards if per_shard else 1
     if not 0 <= index < count:
-        raise ValueError(f"--index {index} is out of range: stage {stage} has {count} task(s)")
+        raise UserError(f"--index {index} is out of range: stage {stage} has {count} task(s)")
     start = time.perf_counter()
     stats = _RUN[stage](plan, index)
     stats |= {"stage": stage, "index": index, "seconds": round(time.perf_counter() - start, 3)}

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from ...common.atomic import atomic_writer
+from ...common.errors import UserError
 from .dedup import (DedupConfig, cluster_signatures, compute_signatures,
                                       config_flag_names, write_duplicates, write_kept)
 from ..readers.documents import SkipLog, check_input_files
@@ -56,7 +57,7 @@ def run_dedup(inputs: list[str], out_dir: str, config: DedupConfig, *, workers: 
     """Deduplicate ``inputs`` into ``out_dir`` (see the module docstring); returns the report."""
     errors = _check_paths(inputs, out_dir, workers) + config.errors(config_flag_names())
     if errors:
-        raise ValueError("; ".join(errors))
+        raise UserError("; ".join(errors))
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     work = tempfile.mkdtemp(dir=out_dir, prefix=".dedup-work-")
@@ -104,7 +105,7 @@ def run_dedup(inputs: list[str], out_dir: str, config: DedupConfig, *, workers: 
     return report
 
 
-def _cmd_dedup(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     config = DedupConfig(text_field=args.text_field, id_field=args.id_field, url_field=args.url_field,
                          url=not args.no_url, exact=not args.no_exact, fuzzy=not args.no_fuzzy,
                          threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram, bands=args.bands,
@@ -118,12 +119,11 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_dedup_parser(subparsers) -> None:
-    """Register ``gptforge dedup`` on the CLI's subparsers."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``gptforge dedup`` (command-table module of ``launcher/cli.py``)."""
     defaults = DedupConfig()
-    p = subparsers.add_parser("dedup", help="remove URL, exact and near-duplicate (MinHash LSH) documents",
-                              description="Writes OUT/kept-NNNNN.jsonl (kept records, unchanged), "
-                                          "OUT/duplicates.jsonl and OUT/report.json; reruns replace them.")
+    p.description = ("Writes OUT/kept-NNNNN.jsonl (kept records, unchanged), OUT/duplicates.jsonl and "
+                     "OUT/report.json; reruns replace them.")
     p.add_argument("input", nargs="+", help="JSONL (.jsonl/.jsonl.gz/.jsonl.zst) or Parquet files, in input order")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=defaults.threshold,
@@ -145,4 +145,3 @@ def add_dedup_parser(subparsers) -> None:
     p.add_argument("--batch-bytes", type=int, default=defaults.batch_bytes,
                    help=f"text bytes at which a hashing batch is full (default {defaults.batch_bytes})")
     p.add_argument("--workers", type=int, default=1, help="processes for the per-file phases (default 1)")
-    p.set_defaults(func=_cmd_dedup)

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 
+from ...common.errors import UserError
 from ...common.atomic import atomic_write_text
 
 
@@ -13,10 +14,10 @@ def files_to_jsonl(root: str, patterns: list[str], output: str, *, min_chars: in
     """Each file matching one of ``root/pattern`` becomes one document; files that are not UTF-8 or shorter
     than ``min_chars`` are skipped and counted. Returns (documents written, files skipped)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"files-to-jsonl: no such folder {root!r}")
+        raise UserError(f"files-to-jsonl: no such folder {root!r}")
     paths = sorted({p for pattern in patterns for p in glob.glob(os.path.join(root, pattern), recursive=True)})
     if not paths:
-        raise ValueError(f"files-to-jsonl: no file under {root!r} matches --glob {' '.join(patterns)}")
+        raise UserError(f"files-to-jsonl: no file under {root!r} matches --glob {' '.join(patterns)}")
     lines, skipped = [], 0
     for path in paths:
         if not os.path.isfile(path):
@@ -33,6 +34,6 @@ def files_to_jsonl(root: str, patterns: list[str], output: str, *, min_chars: in
         rel = os.path.relpath(path, root)
         lines.append(json.dumps({"id": rel, "text": text, "source": os.path.abspath(path)}, ensure_ascii=False))
     if not lines:
-        raise ValueError(f"files-to-jsonl: all {len(paths)} matching files under {root!r} were skipped")
+        raise UserError(f"files-to-jsonl: all {len(paths)} matching files under {root!r} were skipped")
     atomic_write_text(output, "\n".join(lines) + "\n")
     return len(lines), skipped

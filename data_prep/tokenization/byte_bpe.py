@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from ...common.errors import UserError
 from ..readers.documents import SkipLog, check_input_files, iter_texts
 
 EOD_TOKEN = "<|endoftext|>"
@@ -43,15 +44,15 @@ class ByteBPE:
         try:
             self.hf = HFTokenizer.from_file(path)
         except Exception as err:  # the Rust side raises a bare Exception for malformed files
-            raise ValueError(f"tokenizer {path!r} is not a readable tokenizers JSON file: {err}") from err
+            raise UserError(f"tokenizer {path!r} is not a readable tokenizers JSON file: {err}") from err
         spec = json.loads(self.hf.to_str())
         model_type, pre_tokenizer = spec["model"]["type"], (spec.get("pre_tokenizer") or {}).get("type")
         if model_type != "BPE" or pre_tokenizer != "ByteLevel":
-            raise ValueError(f"tokenizer {path!r} is a tokenizers file but not a byte-level BPE (model {model_type}, "
+            raise UserError(f"tokenizer {path!r} is a tokenizers file but not a byte-level BPE (model {model_type}, "
                              f"pre-tokenizer {pre_tokenizer}); train one with 'gptforge tokenizer train --kind byte-bpe'")
         eod = self.hf.token_to_id(EOD_TOKEN)
         if eod is None:
-            raise ValueError(f"tokenizer {path!r} has no {EOD_TOKEN} token; was it trained by gptforge?")
+            raise UserError(f"tokenizer {path!r} has no {EOD_TOKEN} token; was it trained by gptforge?")
         self.eod: int = eod
         # Special tokens typed in text stay text, as SentencePiece treats its control tokens.
         self.hf.encode_special_tokens = True
@@ -126,7 +127,7 @@ def train_byte_bpe(inputs: list[str], output_prefix: str, *, vocab_size: int, te
         errors.append(f"tokenizer train: --vocab-size must be >= {MIN_VOCAB_SIZE} for --kind byte-bpe "
                       f"(256 byte symbols + {EOD_TOKEN}), got {vocab_size}")
     if errors:
-        raise ValueError("\n".join(errors))
+        raise UserError("\n".join(errors))
     skips = SkipLog()
     counter = {"documents": 0}
 
@@ -144,7 +145,7 @@ def train_byte_bpe(inputs: list[str], output_prefix: str, *, vocab_size: int, te
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts(), trainer=trainer)
     if counter["documents"] == 0:
-        raise ValueError(f"tokenizer train: no documents with a {text_field!r} field in {inputs} ({skips.summary()})")
+        raise UserError(f"tokenizer train: no documents with a {text_field!r} field in {inputs} ({skips.summary()})")
 
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)

@@ -2,16 +2,19 @@
 
 Documents are tokenized in worker processes (ordered, so the output is the same for any worker count),
 each followed by the end-of-document token (GPT-3 Appendix B: documents packed into sequences,
-separated by an end-of-text token). The ``.bin``/``.idx`` pair is written with megatron-core's
-``IndexedDatasetBuilder`` to temporary names, fsynced and renamed; ``PREFIX.json`` (the tokenizer
-fingerprint and the counts) is renamed into place last and marks the dataset complete.
+separated by an end-of-text token). The ``.bin``/``.idx`` pair (megatron-core's ``MMIDIDX`` format, written
+by ``IndexedWriter`` with numpy alone, so tokenizing needs no torch) goes to temporary names, is fsynced
+and renamed; ``PREFIX.json`` (the tokenizer fingerprint and the counts) is renamed into place last and
+marks the dataset complete.
 """
 
 from __future__ import annotations
 
+import array
 import json
 import multiprocessing as mp
 import os
+import struct
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,8 +22,61 @@ from typing import Iterator
 import numpy as np
 
 from ...common.atomic import atomic_write_json, fsync_path
+from ...common.errors import UserError
 from ..readers.documents import SkipLog, check_input_files, iter_texts
 from .tokenizer import Tokenizer
+
+# megatron-core's MMIDIDX index, as its IndexedDataset reads it: the
+# magic, version 1, one byte of dtype code, then sequence count and document count (uint64), each
+# sequence's length (int32), its byte offset in .bin (int64) and the document boundaries (int64).
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_VERSION = 1
+_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
+                np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
+
+
+def optimal_dtype(vocab_size: int) -> type[np.number]:
+    """megatron-core's ``DType.optimal_dtype``: uint16 token ids below 65500 kinds of token, else int32."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+class IndexedWriter:
+    """Writes a megatron-core indexed dataset of single-sequence documents, byte for byte what
+    ``IndexedDatasetBuilder(bin_path, dtype).add_document(ids, [len(ids)])`` + ``finalize(idx_path)``
+    write (``tests/test_indexed_writer.py`` compares the two)."""
+
+    def __init__(self, bin_path: str, dtype: type[np.number]) -> None:
+        self.dtype = np.dtype(dtype)
+        self._code = _DTYPE_CODES[self.dtype]
+        self._data = open(bin_path, "wb")
+        self._lengths = array.array("q")
+
+    def add_document(self, ids: np.ndarray) -> None:
+        tokens = np.asarray(ids, dtype=self.dtype)
+        self._data.write(tokens.tobytes(order="C"))
+        self._lengths.append(tokens.size)
+
+    def finalize(self, idx_path: str) -> None:
+        self._data.close()
+        lengths = np.frombuffer(self._lengths, dtype=np.int64)
+        if lengths.size and lengths.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"a document of {int(lengths.max())} tokens does not fit the index's int32 lengths")
+        pointers = np.zeros(lengths.size, dtype=np.int64)
+        np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
+        documents = np.arange(lengths.size + 1, dtype=np.int64)  # one sequence per document
+        with open(idx_path, "wb") as handle:
+            handle.write(_INDEX_HEADER)
+            handle.write(struct.pack("<Q", _INDEX_VERSION))
+            handle.write(struct.pack("<B", self._code))
+            handle.write(struct.pack("<Q", lengths.size))
+            handle.write(struct.pack("<Q", documents.size))
+            handle.write(lengths.astype(np.int32).tobytes(order="C"))
+            handle.write(pointers.tobytes(order="C"))
+            handle.write(documents.tobytes(order="C"))
+
+    def close(self) -> None:
+        self._data.close()
+
 
 _WORKER_TOKENIZER: Tokenizer | None = None  # one per worker process, set by the pool initializer
 
@@ -88,18 +144,13 @@ def tokenize_to_indexed(
     chunk_docs: int = 64,
     progress: bool = True,
 ) -> TokenizeResult:
-    from ...training.data import import_megatron_datasets
-
-    _, _, indexed_dataset = import_megatron_datasets()
-    DType, IndexedDatasetBuilder = indexed_dataset.DType, indexed_dataset.IndexedDatasetBuilder
-
-    errors = check_input_files(inputs, "tokenize: input")
+    errors = check_input_files(inputs, "tokenize: --input")
     if workers < 1:
         errors.append(f"tokenize: --workers must be >= 1, got {workers}")
     if errors:
-        raise ValueError("\n".join(errors))
+        raise UserError("\n".join(errors))
     tokenizer = Tokenizer(tokenizer_path)
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    dtype = optimal_dtype(tokenizer.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
     tmp_bin, tmp_idx = output_prefix + ".bin.tmp", output_prefix + ".idx.tmp"
     skips = SkipLog()
@@ -111,8 +162,9 @@ def tokenize_to_indexed(
 
         bar = tqdm(desc=f"tokenize {os.path.basename(output_prefix)}", unit="doc", mininterval=1.0)
     pool = None
+    builder = None
     try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        builder = IndexedWriter(tmp_bin, dtype)
         chunks = _chunks(inputs, text_field, skips, chunk_docs)
         if workers > 1:
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,))
@@ -124,13 +176,13 @@ def tokenize_to_indexed(
             for ids in chunk:
                 if append_eod:
                     ids = np.append(ids, tokenizer.eod)
-                builder.add_document(ids, [ids.size])
+                builder.add_document(ids)
                 documents += 1
                 tokens += int(ids.size)
             if bar is not None:
                 bar.update(len(chunk))
         if documents == 0:
-            raise ValueError(f"tokenize: no documents with a non-empty {text_field!r} field in "
+            raise UserError(f"tokenize: no documents with a non-empty {text_field!r} field in "
                              f"{', '.join(inputs)} ({skips.summary()})")
         builder.finalize(tmp_idx)
         fsync_path(tmp_bin)
@@ -156,6 +208,8 @@ def tokenize_to_indexed(
             },
         )
     finally:
+        if builder is not None:
+            builder.close()
         if pool is not None:
             pool.terminate()
         if bar is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import sentencepiece as spm
 
+from ...common.errors import UserError
 from .byte_bpe import ByteBPE, is_tokenizers_json
 from ..readers.documents import SkipLog, check_input_files, iter_texts
 
@@ -40,7 +41,7 @@ class Tokenizer:
 
     def __init__(self, model_path: str) -> None:
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist; train one with "
+            raise UserError(f"tokenizer model {model_path!r} does not exist; train one with "
                                     f"'gptforge tokenizer train'")
         self.path = model_path
         with open(model_path, "rb") as handle:
@@ -55,7 +56,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
         self.eod = self.sp.piece_to_id(EOD_TOKEN)
         if self.sp.id_to_piece(self.eod) != EOD_TOKEN:
-            raise ValueError(f"tokenizer {model_path!r} has no {EOD_TOKEN} token; was it trained by gptforge?")
+            raise UserError(f"tokenizer {model_path!r} has no {EOD_TOKEN} token; was it trained by gptforge?")
         self._mark_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
 
     @property
@@ -131,7 +132,7 @@ def train_tokenizer(
     if vocab_size < 384:
         errors.append(f"tokenizer train: --vocab-size must be >= 384 (256 byte tokens + merges), got {vocab_size}")
     if errors:
-        raise ValueError("\n".join(errors))
+        raise UserError("\n".join(errors))
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     skips = SkipLog()
@@ -150,7 +151,7 @@ def train_tokenizer(
                 if max_documents is not None and documents >= max_documents:
                     break
         if documents == 0:
-            raise ValueError(f"tokenizer train: no documents with a {text_field!r} field in {inputs} ({skips.summary()})")
+            raise UserError(f"tokenizer train: no documents with a {text_field!r} field in {inputs} ({skips.summary()})")
         tmp_prefix = os.path.join(tmp, "model")
         spm.SentencePieceTrainer.train(
             input=corpus,
@@ -193,9 +194,9 @@ def train_tokenizer_of_kind(kind: str, inputs: list[str], output_prefix: str, *,
         return train_tokenizer(inputs, output_prefix, vocab_size=vocab_size, text_field=text_field,
                                max_documents=max_documents, num_threads=num_threads)
     if kind != BYTE_BPE:
-        raise ValueError(f"tokenizer train: --kind must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
+        raise UserError(f"tokenizer train: --kind must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
     if num_threads != 1:
-        raise ValueError("tokenizer train: --threads applies to --kind sentencepiece only (byte-bpe training "
+        raise UserError("tokenizer train: --threads applies to --kind sentencepiece only (byte-bpe training "
                          "uses the tokenizers library's thread pool, sized by RAYON_NUM_THREADS)")
     from .byte_bpe import train_byte_bpe
 
