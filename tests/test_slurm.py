@@ -15,13 +15,13 @@ from helpers.launch import losses, run_train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SLURM_CONF = os.environ.get("GPTFORGE_SLURM_CONF")
-pytestmark = pytest.mark.skipif(not SLURM_CONF, reason="no local SLURM cluster (tests/run.sh starts one)")
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(not SLURM_CONF, reason="no local SLURM cluster (tests/run.sh starts one)")]
 
 
 def sbatch(config: str, out_dir, *overrides: str, nodes: int = 2) -> str:
     env = dict(os.environ, SLURM_CONF=SLURM_CONF, CONFIG=config, NPROC_PER_NODE="1",
                GPTFORGE_PYTHON=str(pathlib.Path(os.sys.executable)))
-    env.pop("GPTFORGE_TEST_FAULT", None)
     out = out_dir / "slurm-%j.out"
     proc = subprocess.run(["sbatch", "-N", str(nodes), "--wait", f"--output={out}", str(REPO / "launcher" / "run.sh"),
                            *overrides], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)

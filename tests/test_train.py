@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers.launch import GPTFORGE, free_port, losses, run_train
+from helpers.launch import GPTFORGE, config_errors, free_port, losses, run_train
 
 
 def test_resume_after_kill_is_exact(tmp_path, write_config):
@@ -75,6 +75,49 @@ def test_sigterm_saves_and_exits(tmp_path, write_config):
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000003"]
     state = json.load(open(run_dir / "checkpoints" / "step_00000003" / "trainer_state.json"))
     assert state["step"] == 3 and state["consumed_samples"] == 12 and state["tokens_seen"] == 12 * 32
+
+
+def test_user_callback_from_config_runs(tmp_path, write_config):
+    run_dir = tmp_path / "run"
+    cfg = write_config(run_dir=run_dir, train={"max_steps": 5, "eval_interval": 0, "callbacks": ["helpers.faults:StepCounter"]},
+                       checkpoint={"interval": 2})
+    proc = run_train(cfg)
+    assert proc.returncode == 0, proc.stderr
+    hooks = (run_dir / "hooks.txt").read_text().splitlines()
+    # the checkpoint of a step is written after that step's on_step_end (user callbacks run before it)
+    assert hooks == ["start", "step 1", "step 2", "checkpoint 2", "step 3", "step 4", "checkpoint 4", "step 5",
+                     "checkpoint 5", "end 5"]
+
+
+def test_stop_signal_handlers_are_put_back():
+    from gptforge.training.callbacks.signals import STOP_SIGNALS, StopOnSignal
+
+    def before(signum, frame):
+        raise AssertionError("the stop callback's handler should be the one installed")
+
+    saved = {sig: signal.signal(sig, before) for sig in STOP_SIGNALS}
+    try:
+        callback = StopOnSignal()
+        callback.on_train_start(None)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert callback.requested
+        callback.close(None)
+        assert all(signal.getsignal(sig) is before for sig in STOP_SIGNALS)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_bad_callback_entry_is_a_config_error(tmp_path, write_config):
+    cfg = write_config(run_dir=tmp_path / "run")
+    (err,) = config_errors(cfg, ['train.callbacks=["helpers.no_such_module:X"]'])
+    assert err.startswith("train.callbacks[0]: cannot import module 'helpers.no_such_module'")
+    (err,) = config_errors(cfg, ['train.callbacks=["helpers.faults:FaultInjection", "helpers.faults:Nope", '
+                                 '"os:path", "helpers.faults"]'])
+    assert "train.callbacks[0]" not in err
+    assert "train.callbacks[1]: module 'helpers.faults' has no attribute 'Nope'" in err
+    assert "train.callbacks[2]: os:path is not a subclass of gptforge.training.callbacks.Callback" in err
+    assert "train.callbacks[3]: expected 'package.module:Class', got 'helpers.faults'" in err
 
 
 def test_tracking_server_down_never_stops_training(tmp_path, write_config):
@@ -187,7 +230,6 @@ def test_tracking_server_from_environment(tmp_path, write_config):
         cfg = write_config(run_dir=run_dir, train={"max_steps": 3, "eval_interval": 0},
                            mlflow={"enabled": True, "experiment": "served"})
         env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-        env.pop("GPTFORGE_TEST_FAULT", None)
         proc = subprocess.run(GPTFORGE + ["train", "--config", cfg], capture_output=True, text=True, env=env,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr

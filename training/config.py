@@ -103,6 +103,21 @@ class TrainConfig:
     """After training, print a sample of this many tokens (0: none)."""
     sample_prompt: str = ""
     """Prompt of that sample (empty: start from the end-of-document token)."""
+    callbacks: list[str] = field(default_factory=list)
+    """User callbacks, each ``"package.module:Class"``: a ``gptforge.training.callbacks.Callback``
+    subclass built with no arguments, run after the built-in ones at every hook (see its docstring)."""
+
+    def __post_init__(self) -> None:
+        from .callbacks.base import resolve_callback
+
+        errors = []
+        for i, spec in enumerate(self.callbacks):
+            try:
+                resolve_callback(spec)
+            except ValueError as err:
+                errors.append(f"train.callbacks[{i}]: {err}")
+        if errors:  # the config loader reports this under the section's key, with the other errors
+            raise ValueError("; ".join(errors))
 
 
 @dataclass(kw_only=True)

@@ -5,34 +5,41 @@ position, forward/backward each (gradients accumulate; loss is a sum divided by 
 clip the global grad norm, set the lr for the tokens after this step, optimizer step. Everything that
 decides the next step (weights, optimizer, step, tokens, data position, RNG) is checkpointed, so a
 resumed run reproduces the uninterrupted one exactly.
+
+``Trainer`` sets up and runs the steps; everything around them (validation, console, ``metrics.jsonl``,
+MLflow, checkpoints, signals, the end-of-run sample and plot) is a callback (``training/callbacks/``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..common.atomic import atomic_write_json
-from .data import build_gpt_datasets
-from .checkpoint import CheckpointManager, tokenizer_file_name
-from .job import ResolvedJob
-from .metrics import MetricsLog, memory_metrics, plot_loss_curve
-from ..common.tracking import Tracker, default_tracking_uri
+from ..common.errors import UserError
 from ..model.flops import count_parameters, flops_per_token, peak_flops
 from ..model.gpt import GPT
-from ..model.sample import sample
-from .steps import StepContext, evaluate, micro_batches, train_step
 from ..parallel import deepspeed_engine
 from ..parallel.apply import parallelize
-from ..parallel.loss import inference_forward
 from ..parallel.distributed import all_reduce_sum, init_distributed
+from .callbacks.base import Callback, resolve_callback
+from .callbacks.checkpointing import Checkpointing
+from .callbacks.console import ConsoleLog
+from .callbacks.end_of_run import LossCurvePlot, Sample
+from .callbacks.metrics_file import MetricsFile
+from .callbacks.mlflow_tracking import MlflowTracking
+from .callbacks.signals import StopOnSignal
+from .callbacks.validation import Validation
+from .checkpoint import CheckpointManager, tokenizer_file_name
+from .data import build_gpt_datasets
+from .job import ResolvedJob
+from .steps import StepContext, micro_batches, train_step
 
 
 def build_optimizer(model: torch.nn.Module, job: ResolvedJob) -> torch.optim.AdamW:
@@ -44,205 +51,213 @@ def build_optimizer(model: torch.nn.Module, job: ResolvedJob) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=job.schedule.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
-def _test_fault() -> tuple[str, int] | None:
-    """Fault injection for the resume tests: GPTFORGE_TEST_FAULT=KIND@STEP, KIND one of ``sigkill``
-    (the process kills itself after that step, before any checkpoint of it), ``sigterm`` (as SLURM
-    does before a time limit) or ``sigkill-in-save`` (dies inside that step's checkpoint save)."""
-    spec = os.environ.get("GPTFORGE_TEST_FAULT")
-    if not spec:
-        return None
-    kind, _, at = spec.partition("@")
-    return kind, int(at)
+@dataclass(kw_only=True)
+class TrainState:
+    """Everything a checkpoint restores: weights and optimizer (through the checkpoint manager's
+    sharded files) and the counters (``state_dict``, in ``trainer_state.json``)."""
 
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    engine: object | None = None
+    """A DeepSpeed engine: it holds the optimizer's partitions."""
+    step: int = 0
+    tokens_seen: int = 0
+    consumed_samples: int = 0
+    """The global data position: samples of the training set read so far."""
+    mlflow_run_id: str | None = None
+    """The MLflow run this job logs to; a resumed job continues it."""
 
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (what SLURM sends before a time limit or preemption)."""
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "consumed_samples": self.consumed_samples,
+                "mlflow_run_id": self.mlflow_run_id,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
 
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.consumed_samples = state["consumed_samples"]
+        self.mlflow_run_id = state.get("mlflow_run_id")
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
+    def save(self, ckpt: CheckpointManager, metadata: dict, **kwargs) -> str:
+        """Write a checkpoint of this state plus ``metadata`` (what describes the run, not its position)."""
+        counters = self.state_dict()
+        step = counters.pop("step")  # the manager names the folder by it and writes it back
+        return ckpt.save(step, self.model, self.optimizer, counters | metadata, engine=self.engine, **kwargs)
 
-
-def local_parameter_count(model: torch.nn.Module) -> int:
-    """Parameter values stored on this rank: a DTensor (tensor-parallel or FSDP) counts its local shard."""
-    from torch.distributed.tensor import DTensor
-
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+    def load(self, ckpt: CheckpointManager, path: str, model_shape: dict) -> None:
+        self.load_state_dict(ckpt.load(path, self.model, self.optimizer, model_shape, engine=self.engine))
 
 
 def train(job: ResolvedJob, stream=sys.stdout) -> dict:
     """Run the job to ``train.max_steps`` (resuming per ``checkpoint.resume``); returns a summary."""
-    t, cfg = job.job.train, job.job
-    info = init_distributed(t.device)
-    log = (lambda msg: print(msg, file=stream, flush=True)) if info.is_main else (lambda msg: None)
-    torch.manual_seed(t.seed)
+    return Trainer(job, stream).fit()
 
-    dims = job.dims
-    mesh = dims.build_mesh(info.device.type)
-    dp_rank, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
-    # Build on the meta device, lay out, materialise, initialise (parallel/apply.py).
-    with torch.device("meta"):
-        model = GPT(job.model)
-    ddp_model, pipeline = parallelize(model, dims, mesh, info.device, t.seed, t.precision)
-    # FSDP and DeepSpeed run 16-bit compute through their own mixed precision; everything else autocasts.
-    autocast_precision = "fp32" if dims.fsdp or dims.deepspeed else t.precision
-    n_params = count_parameters(job.model)
-    fpt = flops_per_token(job.model, job.seq_len, n_params["total"] - n_params["position_embedding"])
-    device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
-    peak = peak_flops(device_name)
-    if t.compile:
-        ddp_model = torch.compile(ddp_model)
-    optimizer = build_optimizer(model, job)
-    engine = None
-    if dims.deepspeed:
-        engine = deepspeed_engine.build_engine(model, optimizer, deepspeed_engine.deepspeed_config(
-            dims=dims, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size, precision=t.precision,
-            grad_clip=cfg.optim.grad_clip))
-        ddp_model = engine
-    scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16" and engine is None)
 
-    ckpt = CheckpointManager(job.checkpoint_dir, cfg.checkpoint.keep_last, info)
-    resume = cfg.checkpoint.resume
-    resume_path = ckpt.latest() if resume == "auto" else (None if resume == "none" else resume)
-    if resume == "none" and ckpt.latest() is not None:
-        raise ValueError(f"checkpoint.resume is 'none' but {job.checkpoint_dir} already holds checkpoints; "
-                           f"use --resume auto, or another run.dir")
-    step = tokens_seen = consumed = 0
-    mlflow_run_id = None
-    if resume_path is not None:
-        state = ckpt.load(resume_path, model, optimizer, job.model.shape_dict(), engine=engine)
-        step, tokens_seen, consumed = state["step"], state["tokens_seen"], state["consumed_samples"]
-        mlflow_run_id = state.get("mlflow_run_id")
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        log(f"resumed from {resume_path} at step {step} ({tokens_seen} tokens)")
+class Trainer:
+    """Builds the model, optimizer and data of a resolved job, resumes, and runs the steps (``fit``).
 
-    datasets = build_gpt_datasets(
-        paths=[s.path for s in cfg.data.sources], weights=[s.weight for s in cfg.data.sources],
-        split=cfg.data.split, seq_len=job.seq_len, seed=cfg.data.seed, vocab_size=job.model.vocab_size,
-        eod=job.tokenizer_eod, train_samples=job.train_samples,
-        valid_samples=t.eval_samples if t.eval_interval > 0 else 0, cache_dir=job.cache_dir,
-    )
+    What callbacks read: ``job`` (the resolved job; ``cfg`` its config, ``t`` its train section),
+    ``info`` (rank, world size, device), ``state`` (``TrainState``), ``model`` (this rank's model),
+    ``module`` (what runs forwards: a DDP/compiled wrapper or the DeepSpeed engine), ``ctx`` (for
+    ``steps.evaluate``), ``datasets``, ``dims``, ``resumed_from`` (checkpoint path or None), ``log``.
+    """
 
-    tracker = None
-    metrics_log = MetricsLog(os.path.join(cfg.run.dir, "metrics.jsonl"), step) if info.is_main else None
-    if info.is_main and cfg.mlflow.enabled:
-        uri = default_tracking_uri(cfg.run.dir, cfg.mlflow.tracking_uri)
-        artifact_root = os.path.join(cfg.run.dir, "mlartifacts") if uri.startswith("sqlite:") else None
-        tracker = Tracker(tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=cfg.mlflow.run_name,
-                          run_id=mlflow_run_id, artifact_root=artifact_root)
-        mlflow_run_id = tracker.run_id
-        if resume_path is None:
-            tracker.log_params(job.flat_params() | {"derived.n_params": str(n_params["total"])})
-        tracker.log_artifact(os.path.abspath(job.job.tokenizer.path), "tokenizer")
-        config_copy = os.path.join(cfg.run.dir, "resolved_config.json")
-        atomic_write_json(config_copy, job.flat_params())
-        tracker.log_artifact(config_copy, "config")
-        log(f"MLflow run {mlflow_run_id} at {uri}")
-    log(f"model {job.raw['model']['preset']}: {n_params['total']:,} parameters; {fpt / 1e6:.2f} MFLOPs/token; "
-        f"{info.world_size} rank(s) on {info.device}{' (' + device_name + ')' if device_name else ''}; "
-        f"pp {dims.pp} x dp {dims.dp} x tp {dims.tp}{' (sequence parallel)' if dims.sequence_parallel else ''}, "
-        f"zero stage {dims.zero_stage}" + (f", {dims.pp_schedule} schedule" if dims.pp > 1 else ""))
-    if engine is None:  # what sharding left on this rank (DeepSpeed keeps its partitions out of sight)
-        log(f"rank 0 holds {local_parameter_count(model):,} parameter values")
-    ctx = StepContext(module=ddp_model, model=model, optimizer=optimizer, scaler=scaler, dims=dims,
-                      device=info.device, autocast_precision=autocast_precision, grad_clip=cfg.optim.grad_clip,
-                      dp_group=dp_group, pipeline=pipeline, engine=engine)
+    def __init__(self, job: ResolvedJob, stream=sys.stdout) -> None:
+        self.job, self.cfg, self.t = job, job.job, job.job.train
+        self.info = init_distributed(self.t.device)
+        self._stream = stream
+        torch.manual_seed(self.t.seed)
+        self.dims = job.dims
+        self.mesh = self.dims.build_mesh(self.info.device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self._build_model()
+        self._build_optimizer()
+        self.ckpt = CheckpointManager(job.checkpoint_dir, self.cfg.checkpoint.keep_last, self.info)
+        self.resumed_from = self._resume()
+        self.datasets = self._build_datasets()
+        self.ctx = StepContext(module=self.module, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                               dims=self.dims, device=self.info.device, autocast_precision=self.autocast_precision,
+                               grad_clip=self.cfg.optim.grad_clip, dp_group=self.mesh["dp"].get_group(),
+                               pipeline=self.pipeline, engine=self.engine)
+        self.stop_requested = False
+        """Set on every rank once any rank was signalled to stop (``callbacks/signals.py``)."""
+        self.val_loss: float | None = None
+        """The latest validation loss (``callbacks/validation.py``)."""
+        self.artifacts: dict[str, str] = {}
+        """Files made at the end of the run for the tracker: artifact folder -> path."""
+        self.callbacks: list[Callback] = (builtin_observers(self.info.is_main, self.cfg.mlflow.enabled)
+                                          + [resolve_callback(spec)() for spec in self.t.callbacks]
+                                          + [StopOnSignal(), Checkpointing()])
+        """Hook order: the built-in observers, the user's callbacks, then the stop-signal vote and the
+        checkpoint decision, so a step's checkpoint sees everything the callbacks did at that step."""
 
-    def trainer_state() -> dict:
-        return {"tokens_seen": tokens_seen, "consumed_samples": consumed, "mlflow_run_id": mlflow_run_id,
-                "model_shape": job.model.shape_dict(), "world_size": info.world_size,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+    def log(self, msg: str) -> None:
+        """A console line, from rank 0 only."""
+        if self.info.is_main:
+            print(msg, file=self._stream, flush=True)
+
+    def _build_model(self) -> None:
+        """On the meta device, then laid out, materialised and initialised (parallel/apply.py)."""
+        job, info, dims = self.job, self.info, self.dims
+        with torch.device("meta"):
+            self.model = GPT(job.model)
+        self.module, self.pipeline = parallelize(self.model, dims, self.mesh, info.device, self.t.seed,
+                                                 self.t.precision)
+        # FSDP and DeepSpeed run 16-bit compute through their own mixed precision; everything else autocasts.
+        self.autocast_precision = "fp32" if dims.fsdp or dims.deepspeed else self.t.precision
+        self.n_params = count_parameters(job.model)
+        self.flops_per_token = flops_per_token(job.model, job.seq_len,
+                                               self.n_params["total"] - self.n_params["position_embedding"])
+        self.device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
+        self.peak_flops = peak_flops(self.device_name)
+        if self.t.compile:
+            self.module = torch.compile(self.module)
+
+    def _build_optimizer(self) -> None:
+        t = self.t
+        self.optimizer = build_optimizer(self.model, self.job)
+        self.engine = None
+        if self.dims.deepspeed:
+            self.engine = deepspeed_engine.build_engine(self.model, self.optimizer, deepspeed_engine.deepspeed_config(
+                dims=self.dims, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
+                precision=t.precision, grad_clip=self.cfg.optim.grad_clip))
+            self.module = self.engine
+        self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=t.precision == "fp16" and self.engine is None)
+        self.state = TrainState(model=self.model, optimizer=self.optimizer, scaler=self.scaler, engine=self.engine)
+
+    def _resume(self) -> str | None:
+        """Restore the newest (``auto``) or the given checkpoint; returns its path (None: a fresh start)."""
+        resume = self.cfg.checkpoint.resume
+        latest = self.ckpt.latest()
+        if resume == "none" and latest is not None:
+            raise UserError(f"checkpoint.resume is 'none' but {self.job.checkpoint_dir} already holds checkpoints; "
+                             f"use --resume auto, or another run.dir")
+        path = latest if resume == "auto" else (None if resume == "none" else resume)
+        if path is not None:
+            self.state.load(self.ckpt, path, self.job.model.shape_dict())
+            self.log(f"resumed from {path} at step {self.state.step} ({self.state.tokens_seen} tokens)")
+        return path
+
+    def _build_datasets(self):
+        job, data, t = self.job, self.cfg.data, self.t
+        return build_gpt_datasets(
+            paths=[s.path for s in data.sources], weights=[s.weight for s in data.sources], split=data.split,
+            seq_len=job.seq_len, seed=data.seed, vocab_size=job.model.vocab_size, eod=job.tokenizer_eod,
+            train_samples=job.train_samples, valid_samples=t.eval_samples if t.eval_interval > 0 else 0,
+            cache_dir=job.cache_dir)
+
+    def checkpoint_metadata(self) -> dict:
+        """What a checkpoint says about the run besides its position: shapes, config, tokenizer."""
+        job = self.job
+        return {"model_shape": job.model.shape_dict(), "world_size": self.info.world_size,
                 "config": job.flat_params(), "model_config": dataclasses.asdict(job.model),
                 "tokenizer_sha256": job.tokenizer_sha}
 
-    stop = StopFlag()
-    fault = _test_fault()
-    micro = t.micro_batch_size
-    summary: dict = {"start_step": step}
-    val_loss = None
-    ddp_model.train()
-    while step < t.max_steps:
+    def save_checkpoint(self) -> str:
+        """A checkpoint of the current step (on every rank: the save is collective)."""
+        tok = self.cfg.tokenizer.path
+        return self.state.save(self.ckpt, self.checkpoint_metadata(), files={tokenizer_file_name(tok): tok},
+                               before_commit=lambda tmp: self._call("on_checkpoint_written", tmp))
+
+    def _call(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def train_step(self) -> dict:
+        """One optimizer step at the current data position; returns its metrics record."""
+        s, job, device = self.state, self.job, self.info.device
         t0 = time.perf_counter()
-        batch = job.schedule.batch_size(tokens_seen)
-        batches = micro_batches(datasets.train, consumed, batch, micro, dp_rank, dims.dp)
+        batch = job.schedule.batch_size(s.tokens_seen)
+        batches = micro_batches(self.datasets.train, s.consumed_samples, batch, self.t.micro_batch_size,
+                                self.dp_rank, self.dims.dp)
         local_tokens = sum(float(mb["loss_mask"].sum()) for mb in batches)
-        (global_tokens,) = all_reduce_sum([local_tokens], info.device, dp_group)
-        tokens_seen += batch * job.seq_len
-        consumed += batch
-        lr = job.schedule.lr(tokens_seen)
-        loss_sum, grad_norm = train_step(ctx, batches, global_tokens, lr)
-        step += 1
-        (loss_total,) = all_reduce_sum([loss_sum], info.device, dp_group)
-        loss_value = loss_total / global_tokens
-        if info.device.type == "cuda":
-            torch.cuda.synchronize(info.device)
+        (global_tokens,) = all_reduce_sum([local_tokens], device, self.ctx.dp_group)
+        s.tokens_seen += batch * job.seq_len
+        s.consumed_samples += batch
+        lr = job.schedule.lr(s.tokens_seen)
+        loss_sum, grad_norm = train_step(self.ctx, batches, global_tokens, lr)
+        s.step += 1
+        (loss_total,) = all_reduce_sum([loss_sum], device, self.ctx.dp_group)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         tokens_per_s = batch * job.seq_len / dt
-        mfu = fpt * tokens_per_s / (peak * info.world_size) if peak else None
-        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "batch_size": batch,
-                  "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_s, "step_time_s": dt}
-        if mfu is not None:
-            record["mfu"] = mfu
-        if scaler.is_enabled():
-            record["loss_scale"] = scaler.get_scale()
-        if not math.isfinite(loss_value):
-            log(f"step {step}: loss is {loss_value}")
-        last_step = step == t.max_steps
-        if t.eval_interval > 0 and (step % t.eval_interval == 0 or last_step):
-            val_loss = evaluate(ctx, datasets.valid, t.eval_samples, micro, dp_rank)
-            record["val_loss"] = val_loss
-            record["val_ppl"] = math.exp(min(val_loss, 50.0))
-        if metrics_log is not None:
-            metrics_log.append(record)
-        if step % t.log_interval == 0 or last_step or "val_loss" in record:
-            msg = (f"step {step:>6}/{t.max_steps} loss {loss_value:.4f} lr {lr:.3e} gnorm {grad_norm:.3f} "
-                   f"batch {batch} {tokens_per_s:,.0f} tok/s")
-            if mfu is not None:
-                msg += f" mfu {mfu:.1%}"
-            if "val_loss" in record:
-                msg += f" | val loss {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
-            log(msg)
-            if tracker is not None:
-                tracker.log_metrics({k: v for k, v in record.items() if k != "step"} | memory_metrics(info.device),
-                                    step)
-        if fault is not None and fault[1] == step and fault[0] in ("sigkill", "sigterm"):
-            os.kill(os.getpid(), signal.SIGKILL if fault[0] == "sigkill" else signal.SIGTERM)
-        (stop_votes,) = all_reduce_sum([1.0 if stop.requested else 0.0], info.device)
-        if step % cfg.checkpoint.interval == 0 or last_step or stop_votes > 0:
-            kill_in_save = fault is not None and fault == ("sigkill-in-save", step)
-            tokenizer_copy = {tokenizer_file_name(job.job.tokenizer.path): job.job.tokenizer.path}
-            path = ckpt.save(step, model, optimizer, trainer_state(), engine=engine, files=tokenizer_copy,
-                             before_commit=(lambda _: os.kill(os.getpid(), signal.SIGKILL)) if kill_in_save else None)
-            log(f"checkpoint {path}")
-        if stop_votes > 0:
-            log(f"stop requested by signal: saved step {step}, exiting")
-            break
+        record = {"step": s.step, "loss": loss_total / global_tokens, "lr": lr, "grad_norm": grad_norm,
+                  "batch_size": batch, "tokens_seen": s.tokens_seen, "tokens_per_s": tokens_per_s, "step_time_s": dt}
+        if self.peak_flops:
+            record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.info.world_size)
+        if self.scaler.is_enabled():
+            record["loss_scale"] = self.scaler.get_scale()
+        return record
 
-    summary |= {"final_step": step, "tokens_seen": tokens_seen, "val_loss": val_loss, "mlflow_run_id": mlflow_run_id}
-    if step == t.max_steps and t.sample_tokens > 0:
-        from ..data_prep.tokenization.tokenizer import Tokenizer
+    def fit(self) -> dict:
+        """Run to ``train.max_steps`` (or a stop signal); returns the summary (also ``summary.json``)."""
+        summary: dict = {"start_step": self.state.step}
+        try:
+            self._call("on_train_start")
+            self.module.train()
+            while self.state.step < self.t.max_steps:
+                self._call("on_step_end", self.train_step())
+                if self.stop_requested:
+                    self.log(f"stop requested by signal: saved step {self.state.step}, exiting")
+                    break
+            summary |= {"final_step": self.state.step, "tokens_seen": self.state.tokens_seen,
+                        "val_loss": self.val_loss, "mlflow_run_id": self.state.mlflow_run_id}
+            self._call("on_train_end", summary)
+        finally:
+            self._call("close")
+        if self.info.is_main:
+            atomic_write_json(os.path.join(self.cfg.run.dir, "summary.json"), summary)
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
 
-        # Every rank samples the same tokens (same seed): sharded forwards need all of them.
-        tok = Tokenizer(job.job.tokenizer.path)
-        prompt = tok.encode(t.sample_prompt) if t.sample_prompt else [tok.eod]
-        out = sample(model, prompt, max_new_tokens=t.sample_tokens, temperature=0.8, top_k=40,
-                     forward=inference_forward(ddp_model, dims),
-                     generator=torch.Generator(device=info.device).manual_seed(t.seed))
-        summary["sample"] = t.sample_prompt + tok.decode([i for i in out if i != tok.eod])
-        log("sample:\n" + summary["sample"])
-    if info.is_main:
-        png = plot_loss_curve(os.path.join(cfg.run.dir, "metrics.jsonl"), os.path.join(cfg.run.dir, "loss_curve.png"))
-        if tracker is not None:
-            if png:
-                tracker.log_artifact(png, "plots")
-            tracker.close(status="FINISHED" if step == t.max_steps else "KILLED")
-            summary["mlflow_dropped_calls"] = tracker.dropped
-        atomic_write_json(os.path.join(cfg.run.dir, "summary.json"), summary)
-    if dist.is_initialized():
-        dist.barrier()
-    return summary
+
+def builtin_observers(is_main: bool, mlflow: bool) -> list[Callback]:
+    """The built-in callbacks that run before the user's, in hook order: validation first (it adds to
+    the step's record), the sample before the plot, the plot before MLflow logs it, MLflow's run line
+    before the console's model line. Files and tracking are rank 0's."""
+    main_only = [MetricsFile(), LossCurvePlot()] + ([MlflowTracking()] if mlflow else [])
+    return [Validation(), Sample()] + (main_only if is_main else []) + [ConsoleLog()]

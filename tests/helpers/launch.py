@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+from .faults import FAULT_ENV
+
 GPTFORGE = [sys.executable, "-m", "gptforge.launcher.cli"]
 
 
@@ -24,12 +26,21 @@ def train_cmd(config: str, *extra: str, nproc: int = 1) -> list[str]:
             str(free_port()), "-m", "gptforge.launcher.cli", "train", "--config", config, *extra]
 
 
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def run_train(config: str, *extra: str, nproc: int = 1, fault: str | None = None,
               timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("GPTFORGE_TEST_FAULT", None)
+    """``fault``: KIND@STEP of ``helpers.faults.FaultInjection``, added to the run's ``train.callbacks``."""
+    # tests/ on the path: callbacks in train.callbacks may name helpers.* modules
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p))
+    env.pop(FAULT_ENV, None)
     if fault:
-        env["GPTFORGE_TEST_FAULT"] = fault
+        env[FAULT_ENV] = fault
+        # next to the other overrides: argparse takes the positional overrides as one run of arguments
+        at = next((i for i, arg in enumerate(extra) if "=" in arg and not arg.startswith("-")), len(extra))
+        extra = extra[:at] + ('train.callbacks=["helpers.faults:FaultInjection"]',) + extra[at:]
     return subprocess.run(train_cmd(config, *extra, nproc=nproc), capture_output=True, text=True, env=env,
                           timeout=timeout)
 

@@ -1,0 +1,17 @@
+"""``<run.dir>/metrics.jsonl``: one JSON record per step (rank 0)."""
+
+from __future__ import annotations
+
+import os
+
+from ..metrics import MetricsLog
+from .base import Callback
+
+
+class MetricsFile(Callback):
+    def on_train_start(self, trainer) -> None:
+        # Opened at the resumed step: records a killed run wrote after its last checkpoint are dropped.
+        self.log = MetricsLog(os.path.join(trainer.cfg.run.dir, "metrics.jsonl"), trainer.state.step)
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        self.log.append(record)
