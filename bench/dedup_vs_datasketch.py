@@ -26,34 +26,55 @@ Recall: planted positives linked; precision: linked pairs that are planted posit
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import random
 import re
 import statistics
-import sys
+import sysconfig
 import tempfile
 import time
 import unicodedata
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-from conftest import stdlib_docstrings  # noqa: E402
-from gptforge.data_prep.dedup.dedup import (DedupConfig, cluster_signatures, compute_signatures,  # noqa: E402
-                                      near_duplicate_labels, normalize_text)
-from gptforge.data_prep.readers.documents import SkipLog, iter_records  # noqa: E402
-from gptforge.data_prep.dedup.minhash import MinHasher  # noqa: E402
+from gptforge.data_prep.dedup.dedup import (DedupConfig, cluster_signatures, compute_signatures,
+                                            near_duplicate_labels, normalize_text)
+from gptforge.data_prep.dedup.minhash import MinHasher
+from gptforge.data_prep.readers.documents import SkipLog, iter_records
 
 POSITIVE = (0.85, 0.9, 0.95)
 NEGATIVE = (0.5, 0.6, 0.7)
 
 
+def stdlib_vocabulary(docs: int = 400) -> list[str]:
+    """The words (runs of letters) of the first ``docs`` docstrings over 200 characters of the installed
+    standard library's top-level modules, in file order: real English every machine with Python has."""
+    root = sysconfig.get_paths()["stdlib"]
+    texts: list[str] = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        try:
+            with open(os.path.join(root, name), encoding="utf-8") as handle:
+                tree = ast.parse(handle.read())
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in [tree, *ast.walk(tree)]:  # ast.walk starts at tree too: a module docstring counts twice
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    texts.append(doc)
+        if len(texts) >= docs:
+            break
+    return sorted({word for text in texts[:docs] for word in re.findall(r"[A-Za-z]+", text)})
+
+
 def build_corpus(path: str, n_docs: int, pairs_per_level: int, seed: int) -> list[tuple[str, str, float]]:
     """Write the corpus; return the planted pairs (original id, copy id, Jaccard)."""
     rng = random.Random(seed)
-    vocab = sorted({w for doc in stdlib_docstrings(400) for w in re.findall(r"[A-Za-z]+", doc)})
+    vocab = stdlib_vocabulary()
     records, planted = [], []
     for i in range(n_docs):
         records.append({"id": f"doc{i}", "text": " ".join(rng.choices(vocab, k=rng.randint(200, 600)))})

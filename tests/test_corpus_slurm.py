@@ -10,7 +10,8 @@ import pytest
 from test_corpus import corpus, inputs, write_config  # noqa: F401 (inputs is a fixture)
 
 SLURM_CONF = os.environ.get("GPTFORGE_SLURM_CONF")
-pytestmark = pytest.mark.skipif(not SLURM_CONF, reason="no local SLURM cluster (tests/run.sh starts one)")
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(not SLURM_CONF, reason="no local SLURM cluster (tests/run.sh starts one)")]
 
 
 def shards(out: pathlib.Path) -> dict[str, bytes]:

@@ -17,6 +17,8 @@ from gptforge.data_prep.filters.decontaminate import (BenchmarkNgrams, Decontami
                                               decontaminate_details, normalized_words)
 from gptforge.data_prep.readers.web_document import WebDocument
 
+pytestmark = pytest.mark.unit
+
 QUESTION = "Which planet in the solar system has the largest number of known moons orbiting it today"
 ANSWER = "Saturn has the largest number of known moons of any planet in the solar system as of now"
 OTHER = "The committee agreed that every member should vote on the final budget before the end of March"

@@ -24,6 +24,8 @@ from gptforge.finetune.finetune import write_checkpoint
 from gptforge.training.trained_model import load_trained_model
 from gptforge.model import build_model, get_preset
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("lm_eval")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

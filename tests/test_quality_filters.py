@@ -12,6 +12,8 @@ from gptforge.data_prep.filters.quality import (DEFAULT_BAD_WORDS_PATH, BadWords
                                                 GopherConfig, GopherQualityFilter, load_bad_words)
 from gptforge.data_prep.readers.web_document import WebDocument
 
+pytestmark = pytest.mark.unit
+
 # Filler words use the letters n..z; words that must repeat use a..j, so the two never collide.
 FILLER_LETTERS = "nopqrstuvwxyz"
 

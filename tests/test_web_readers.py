@@ -20,7 +20,8 @@ from gptforge.data_prep.readers.web import InputFields, expand_inputs, iter_web_
 from helpers.web import (FORTUNE_FOLDERS, PYTHON_DOCS, conversion_record, fortunes, http_response,
                           make_docs_warc, make_warc, warc_record, warcinfo_record, write_jsonl)
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(PYTHON_DOCS), reason="needs Debian's python3.11-doc")
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(not os.path.isdir(PYTHON_DOCS), reason="needs Debian's python3.11-doc")]
 
 
 def read_all(paths, **kwargs):
