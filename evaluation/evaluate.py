@@ -244,8 +244,7 @@ def evaluate_checkpoint(checkpoint: str, *, data: list[str] = (), tasks: list[st
     """``gptforge eval``: the results written to ``OUTPUT/eval_results.json`` (and MLflow unless not ``mlflow``)."""
     from ..common.atomic import atomic_write_json
     from ..data_prep.tokenization.tokenizer import Tokenizer
-    from .generate import parse_device
-    from ..training.trained_model import load_trained_model
+    from ..training.trained_model import load_trained_model, parse_device
 
     data, shots = list(data), list(shots)
     check_eval_flags(data=data, tasks=list(tasks), seq_len=seq_len, max_tokens=max_tokens, limit=limit,

@@ -68,22 +68,12 @@ def read_prompts(sources: list[PromptSource]) -> list[Prompt]:
     return prompts
 
 
-def parse_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a device ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def continue_prompts(checkpoint: str, sources: list[PromptSource], *, max_new_tokens: int = 100,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, num_sequences: int = 1,
                      seed: int = 0, device: str = "cpu", as_json: bool = False) -> None:
     """``gptforge generate``: print the continuations of each prompt (text blocks, or one JSON line each)."""
     from ..data_prep.tokenization.tokenizer import Tokenizer
-    from ..training.trained_model import load_trained_model
+    from ..training.trained_model import load_trained_model, parse_device
 
     # Every flag is checked before the (possibly large) checkpoint is read.
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

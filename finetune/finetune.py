@@ -1,7 +1,7 @@
 """``gptforge finetune --config configs/finetune/*.yaml``: supervised fine-tuning as in GPT-1.
 
-GPT-1 (Radford et al. 2018) sections 3.2-3.3, summarised in ``/work/shared/reference.md`` ("GPT-1 ...
-Fine-tuning"): a linear head W_y on the final hidden state of the last (extract) token; objective
+GPT-1 (Radford et al. 2018), section 3.2 "Supervised fine-tuning" (equations 3-5) and section 4.1
+(Fine-tuning details): a linear head W_y on the final hidden state of the last (extract) token; objective
 L3 = L2 + lambda * L1 with L2 the task cross-entropy and L1 the language-modelling loss on the same
 inputs, lambda = 0.5 (``train.aux_lm_weight``; 0 turns it off). Input transformations:
 ``finetune_data.py``.
@@ -20,15 +20,11 @@ labels, special ids), written under a temporary name and renamed into place; ``O
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import shutil
-import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -140,44 +136,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def write_checkpoint(directory: str, model: GPT, tokenizer_path: str, state: dict,
-                     extra: dict[str, object] | None = None) -> str:
-    """Write ``model`` as a gptforge checkpoint folder that ``load_trained_model`` reads (weights by
-    parameter name, ``trainer_state.json`` with the model config, the tokenizer), plus ``extra``
-    files (name -> object; ``.json`` names as JSON, others with ``torch.save``). Written beside
-    ``directory`` under a temporary name, fsynced and renamed, so a reader never sees a partial one."""
-    import torch.distributed.checkpoint as dcp
-
-    from ..common.atomic import atomic_write_json, fsync_path
-    from ..training.checkpoint import STATE_FILE, tokenizer_file_name
-
-    parent, name = os.path.split(os.path.abspath(directory))
-    tmp, old = os.path.join(parent, f".tmp-{name}"), os.path.join(parent, f".old-{name}")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    os.makedirs(tmp)
-    with warnings.catch_warnings():  # one process is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp, no_dist=True)
-    shutil.copyfile(tokenizer_path, os.path.join(tmp, tokenizer_file_name(tokenizer_path)))
-    for file_name, obj in (extra or {}).items():
-        if file_name.endswith(".json"):
-            atomic_write_json(os.path.join(tmp, file_name), obj)
-        else:
-            torch.save(obj, os.path.join(tmp, file_name))
-    atomic_write_json(os.path.join(tmp, STATE_FILE), state | {"model_config": dataclasses.asdict(model.config),
-                                                              "model_shape": model.config.shape_dict()})
-    for entry in os.listdir(tmp):
-        fsync_path(os.path.join(tmp, entry))
-    fsync_path(tmp)
-    if os.path.exists(directory):  # a rerun replaces the old folder only once the new one is complete
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    fsync_path(parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
-
-
 @dataclass(kw_only=True)
 class FinetunedModel:
     classifier: GPTClassifier
@@ -214,8 +172,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune, evaluate accuracy after each epoch, save the model; returns the metrics."""
     from ..common.atomic import atomic_write_json
     from ..data_prep.tokenization.tokenizer import Tokenizer
-    from ..evaluation.generate import parse_device
-    from ..training.trained_model import load_trained_model
+    from ..training.checkpoint import write_model_checkpoint
+    from ..training.trained_model import load_trained_model, parse_device
 
     device = parse_device(cfg.train.device)
     task, t = cfg.task, cfg.train
@@ -244,11 +202,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     tracker = None
     if cfg.mlflow.enabled:
-        from ..common.tracking import Tracker, default_tracking_uri
+        from ..common.tracking import Tracker, default_artifact_root, default_tracking_uri
 
-        tracker = Tracker(tracking_uri=default_tracking_uri(cfg.output_dir, cfg.mlflow.tracking_uri),
-                          experiment=cfg.mlflow.experiment, run_name=f"finetune {task.type}", run_id=None,
-                          artifact_root=os.path.join(cfg.output_dir, "mlartifacts"))
+        uri = default_tracking_uri(cfg.output_dir, cfg.mlflow.tracking_uri)
+        tracker = Tracker(tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=f"finetune {task.type}",
+                          run_id=None, artifact_root=default_artifact_root(uri, cfg.output_dir))
         tracker.log_params({"checkpoint": trained.checkpoint, "task": task.type, **{
             f"train.{k}": v for k, v in dataclasses.asdict(t).items()}})
     order_rng = torch.Generator().manual_seed(t.seed)
@@ -289,9 +247,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model_dir = os.path.join(cfg.output_dir, "model")
     meta = {"task_type": task.type, "labels": task.labels, "special_tokens": dataclasses.asdict(special),
             "max_seq_len": max_len}
-    write_checkpoint(model_dir, model.gpt, trained.tokenizer_path,
-                     {"step": step, "finetune": meta, "pretrained_checkpoint": trained.checkpoint},
-                     extra={FINETUNE_FILE: meta, CLASSIFIER_FILE: model.head.state_dict()})
+    write_model_checkpoint(model_dir, model.gpt, trained.tokenizer_path,
+                           {"step": step, "finetune": meta, "pretrained_checkpoint": trained.checkpoint},
+                           extra={FINETUNE_FILE: meta, CLASSIFIER_FILE: model.head.state_dict()})
     metrics = {"task_type": task.type, "steps": step, "epochs_run": len(history), "seconds": time.time() - start,
                "eval_accuracy": history[-1]["eval_accuracy"], "chance_accuracy": chance(eval_set),
                "history": history, "final": last, "aux_lm_weight": t.aux_lm_weight,
@@ -311,21 +269,3 @@ def chance(examples: list[EncodedExample]) -> float:
     for ex in examples:
         counts[ex.label] = counts.get(ex.label, 0) + 1
     return max(counts.values()) / len(examples)
-
-
-def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "finetune", help="GPT-1 supervised fine-tuning of a checkpoint (classification, entailment, ...)",
-        description="Overrides are key.sub=value (YAML values), e.g. train.epochs=1. Guide: docs/evaluation.md.")
-    p.add_argument("--config", required=True, help="a YAML file like configs/finetune/example-classification.yaml")
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
-    p.set_defaults(func=cmd_finetune)
-    return p
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args.config, list(args.overrides))
-    metrics = finetune(cfg)
-    print(json.dumps({k: metrics[k] for k in ("eval_accuracy", "chance_accuracy", "steps", "model_dir")}),
-          file=sys.stdout)
-    return 0

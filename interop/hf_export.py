@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
-from ..common.atomic import fsync_path, fsync_tree
+from ..common.errors import UserError
+from ..common.atomic import atomic_folder
 from ..data_prep.tokenization.tokenizer import Tokenizer
 from .hf_tokenizer import write_hf_tokenizer
 from ..model.config import GPTConfig
@@ -133,20 +133,15 @@ def export_hf(checkpoint: str, out: str, *, overwrite: bool = False, verify: boo
 
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
-        raise ValueError(f"export-hf: OUT {out!r} already exists; pass --overwrite to replace it")
+        raise UserError(f"export-hf: OUT {out!r} already exists; pass --overwrite to replace it")
     trained = load_trained_model(checkpoint)
     errors = unsupported_settings(trained.config)
     if errors:
-        raise ValueError(f"export-hf: checkpoint {trained.checkpoint!r} cannot be exported as GPT-2:\n  "
+        raise UserError(f"export-hf: checkpoint {trained.checkpoint!r} cannot be exported as GPT-2:\n  "
                          + "\n  ".join(errors))
     eod = Tokenizer(trained.tokenizer_path).eod
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp, old = os.path.join(parent, f".tmp-{name}"), os.path.join(parent, f".old-{name}")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    # With --overwrite the old folder goes only once the new one is complete and verified.
+    with atomic_folder(out) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             dtype = str(trained.model.tok_embeddings.weight.dtype).removeprefix("torch.")
             json.dump(gpt2_config(trained.config, eod) | {"dtype": dtype}, handle, indent=2)
@@ -158,13 +153,4 @@ def export_hf(checkpoint: str, out: str, *, overwrite: bool = False, verify: boo
             handle.write(_readme(out, trained.checkpoint, trained.state, trained.config, tokenizer_section))
         if verify:
             verify_export(tmp, trained.model)
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out):  # --overwrite: the old folder goes only once the new one is complete
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_path(parent)
-    shutil.rmtree(old, ignore_errors=True)
     return out

@@ -18,18 +18,16 @@ whose logit is the average logit, far below the likely tokens', so they hold lit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shutil
-import warnings
+import tempfile
 
 import torch
 
-from ..common.atomic import atomic_write_json, fsync_path, fsync_tree
+from ..common.errors import UserError
 from ..data_prep.tokenization.byte_bpe import ByteBPE, byte_bpe_from_vocab_and_merges
 from ..data_prep.tokenization.tokenizer import Tokenizer
-from ..training.checkpoint import STATE_FILE, TOKENIZER_FILES
+from ..training.checkpoint import TOKENIZER_FILES, write_model_checkpoint
 from ..model.config import GPTConfig
 from ..model.gpt import GPT
 
@@ -67,7 +65,7 @@ def _read_tokenizer(folder: str):
         return HFTokenizer.from_file(tokenizer_json)
     vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     if not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
-        raise ValueError(f"import-hf: {folder!r} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+        raise UserError(f"import-hf: {folder!r} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
     with open(vocab_path, encoding="utf-8") as handle:
         vocab = json.load(handle)
     with open(merges_path, encoding="utf-8") as handle:
@@ -124,32 +122,31 @@ def fresh_adam_state(model: GPT) -> dict[str, torch.Tensor]:
 
 def import_hf(folder: str, run_dir: str, *, pad_vocab_multiple: int = 1) -> str:
     """Convert the GPT-2 folder ``folder`` into ``run_dir/checkpoints/step_00000000``; returns its path."""
-    import torch.distributed.checkpoint as dcp
     from transformers import GPT2LMHeadModel
 
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise ValueError(f"import-hf: IN {folder!r} has no config.json (expected a transformers GPT-2 folder)")
+        raise UserError(f"import-hf: IN {folder!r} has no config.json (expected a transformers GPT-2 folder)")
     with open(config_path, encoding="utf-8") as handle:
         hf_config = json.load(handle)
     errors = unsupported_settings(hf_config)
     if pad_vocab_multiple < 1:
         errors.append(f"import-hf: --pad-vocab-multiple must be >= 1, got {pad_vocab_multiple}")
     if errors:
-        raise ValueError(f"import-hf: {folder!r} cannot be imported:\n  " + "\n  ".join(errors))
+        raise UserError(f"import-hf: {folder!r} cannot be imported:\n  " + "\n  ".join(errors))
     checkpoints = os.path.join(os.path.abspath(run_dir), "checkpoints")
     final = os.path.join(checkpoints, CHECKPOINT_NAME)
     if os.path.isdir(checkpoints) and any(n.startswith("step_") for n in os.listdir(checkpoints)):
-        raise ValueError(f"import-hf: OUT_RUN_DIR {run_dir!r} already holds checkpoints in {checkpoints}; "
+        raise UserError(f"import-hf: OUT_RUN_DIR {run_dir!r} already holds checkpoints in {checkpoints}; "
                          f"import into a new run folder")
     tokenizer = _read_tokenizer(folder)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     if hf_config["vocab_size"] != vocab_size:
-        raise ValueError(f"import-hf: config.json vocab_size {hf_config['vocab_size']} differs from the tokenizer's "
+        raise UserError(f"import-hf: config.json vocab_size {hf_config['vocab_size']} differs from the tokenizer's "
                          f"{vocab_size} tokens; gptforge sizes the embedding by the tokenizer")
     gpt2 = GPT2LMHeadModel.from_pretrained(folder, local_files_only=True).float()
     if not torch.equal(gpt2.lm_head.weight, gpt2.transformer.wte.weight):
-        raise ValueError(f"import-hf: {folder!r} has an output layer of its own (tie_word_embeddings false); "
+        raise UserError(f"import-hf: {folder!r} has an output layer of its own (tie_word_embeddings false); "
                          f"gptforge ties it to the token embedding")
     config = gptforge_config(hf_config, vocab_size, pad_vocab_multiple)
     with torch.device("meta"):
@@ -157,25 +154,11 @@ def import_hf(folder: str, run_dir: str, *, pad_vocab_multiple: int = 1) -> str:
     model.to_empty(device="cpu")
     model.load_state_dict(gptforge_state_dict(gpt2.state_dict(), config), strict=True)
 
-    os.makedirs(checkpoints, exist_ok=True)
-    tmp = os.path.join(checkpoints, f".tmp-{CHECKPOINT_NAME}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        with warnings.catch_warnings():  # one process is the point here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"model": model.state_dict(), "optim": fresh_adam_state(model)}, checkpoint_id=tmp, no_dist=True)
-        tokenizer_path = os.path.join(tmp, TOKENIZER_FILES["byte-bpe"])
+    with tempfile.TemporaryDirectory() as scratch:  # the tokenizer file, copied into the checkpoint
+        tokenizer_path = os.path.join(scratch, TOKENIZER_FILES["byte-bpe"])
         tokenizer.save(tokenizer_path)
-        state = {"step": 0, "tokens_seen": 0, "consumed_samples": 0, "mlflow_run_id": None,
-                 "model_shape": config.shape_dict(), "world_size": 1, "scaler": None, "config": None,
-                 "model_config": dataclasses.asdict(config), "tokenizer_sha256": Tokenizer(tokenizer_path).sha256,
+        state = {"step": 0, "tokens_seen": 0, "consumed_samples": 0, "mlflow_run_id": None, "world_size": 1,
+                 "scaler": None, "config": None, "tokenizer_sha256": Tokenizer(tokenizer_path).sha256,
                  "weights_only": True, "imported_from": os.path.abspath(folder)}
-        atomic_write_json(os.path.join(tmp, STATE_FILE), state)
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.replace(tmp, final)
-    fsync_path(checkpoints)
-    return final
+        # The model config and shape join ``state``; Adam's zero moments serve DeepSpeed's reader.
+        return write_model_checkpoint(final, model, tokenizer_path, state, optim_state=fresh_adam_state(model))

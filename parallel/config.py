@@ -1,6 +1,7 @@
 """The ``parallel`` section of a training config: how the ranks of a job split the work.
 
-``ParallelDims`` (dims.py) is what it resolves to once the world size is known.
+``ParallelDims`` (dims.py) is the same layout resolved for a world size (``dp`` inferred) and checked;
+it is also what the memory planner (planner.py) and ``gptforge plan`` describe a layout with.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class ParallelConfig:
     """How the ranks of a job split the work (see parallel/dims.py); tp x pp x dp must equal the world size."""
 
     tp: int = 1
-    """Tensor-parallel degree: heads, FFN and vocabulary split over this many ranks."""
+    """Tensor-parallel degree: heads, FFN and vocabulary split over this many ranks (Megatron-style
+    column/row splits, applied with DTensor; keep it within a node: it all-reduces activations in every block)."""
     dp: int = -1
-    """Data-parallel degree; -1 infers world_size / (tp x pp)."""
+    """Data-parallel degree (replicas, or shards under ZeRO); -1 infers world_size / (tp x pp)."""
     pp: int = 1
     """Pipeline-parallel degree: layers split into pp x virtual_stages stages, balanced."""
     virtual_stages: int = 1
@@ -25,8 +27,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Also shard LayerNorm/dropout activations along the sequence over the tensor-parallel ranks."""
     zero_stage: int = 0
-    """0: DDP replicas; 2: FSDP2 without resharding after forward (ZeRO-2 like); 3: FSDP2 (ZeRO-3 like).
-    With zero_engine deepspeed: DeepSpeed ZeRO stage 1, 2 or 3."""
+    """0: DDP replicas; 2: FSDP2, parameters kept gathered between forward and backward (ZeRO-2 like);
+    3: FSDP2, parameters resharded after forward (ZeRO-3 like). With ``zero_engine: deepspeed``:
+    DeepSpeed's ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)."""
     zero_engine: Literal["fsdp", "deepspeed"] = "fsdp"
     """``fsdp`` composes with tp and pp; ``deepspeed`` (tp = pp = 1) adds ZeRO-1 and optimizer offload."""
     optimizer_offload: bool = False
@@ -35,5 +38,5 @@ class ParallelConfig:
     """With tp > 1, compute the cross-entropy on vocabulary-sharded logits (never gathering [B, T, V])."""
     recompute: Literal["none", "full", "selective"] = "none"
     """Activation checkpointing: ``full`` recomputes every block in backward, ``selective`` every
-    ``recompute_every``-th block (memory for compute)."""
+    ``recompute_every``-th block (block i with i % recompute_every == 0): memory for compute."""
     recompute_every: int = 2

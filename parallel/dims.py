@@ -1,112 +1,120 @@
-"""The parallel layout of a job: degrees, their validation, and the device mesh.
+"""The parallel layout of a job resolved for its world size: degrees, their validation, and the device mesh.
 
-All checks run before any process group starts and are reported together, each naming its key.
+``ParallelDims`` is a ``ParallelConfig`` (the YAML section, same fields) whose ``dp`` is resolved and whose
+values passed ``value_errors``. ``from_config`` is the trainer's resolution: it also applies
+``support_errors``, what ``gptforge train`` can run. The memory planner builds ``ParallelDims`` directly: it
+also plans layouts the trainer refuses (and reports why through ``from_config``).
+
+All checks run before any process group starts and are reported together, each naming its key as ``names``
+spells it: config keys (``parallel.tp``) by default, ``gptforge plan``'s flags (``--tp``) there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..model.config import GPTConfig
+from .config import ParallelConfig
 
 FSDP_STAGES = (2, 3)
+ZERO_STAGES = (0, 1, 2, 3)
+"""ZeRO stages: 1 shards optimizer state (and fp32 master weights), 2 also gradients, 3 also weights."""
+RECOMPUTE_MODES = ("none", "selective", "full")
+"""Cheapest in memory last: the planner ranks layouts in this order."""
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+ZERO_ENGINES = ("fsdp", "deepspeed")
+CONFIG_NAMES = {field.name: f"parallel.{field.name}" for field in dataclasses.fields(ParallelConfig)}
+"""Field -> its config key, the default way errors name a value."""
+
+
+def value_errors(cfg: ParallelConfig, names: Mapping[str, str] = CONFIG_NAMES) -> list[str]:
+    """The range of every value of a resolved layout (the rules a config, ``gptforge plan``'s flags and
+    ``ParallelDims`` share; a config's ``dp = -1`` is resolved by ``ParallelDims.from_config``)."""
+    name = (lambda key: names.get(key, key))  # noqa: E731
+    errors = []
+    for key in ("tp", "pp", "dp", "virtual_stages", "recompute_every"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(f"{name(key)} must be an integer >= 1, got {value!r}")
+    if cfg.zero_stage not in ZERO_STAGES:
+        errors.append(f"{name('zero_stage')} must be one of 0, 1, 2, 3, got {cfg.zero_stage!r}")
+    if cfg.zero_engine not in ZERO_ENGINES:
+        errors.append(f"{name('zero_engine')} must be 'fsdp' or 'deepspeed', got {cfg.zero_engine!r}")
+    if cfg.recompute not in RECOMPUTE_MODES:
+        errors.append(f"{name('recompute')} must be one of {', '.join(RECOMPUTE_MODES)}, got {cfg.recompute!r}")
+    if cfg.pp_schedule not in PP_SCHEDULES:
+        errors.append(f"{name('pp_schedule')} must be 'gpipe', '1f1b' or 'interleaved-1f1b', got {cfg.pp_schedule!r}")
+    return errors
 
 
 @dataclass(kw_only=True, frozen=True)
-class ParallelDims:
-    tp: int
-    """Tensor-parallel degree (Megatron-style column/row splits, applied with DTensor)."""
-    dp: int
-    """Data-parallel degree (replicas, or shards under ZeRO-2/3)."""
-    pp: int = 1
-    """Pipeline-parallel degree: the layers split into pp x virtual_stages stages."""
-    virtual_stages: int = 1
-    """Stages per pipeline rank (> 1 for the interleaved 1F1B schedule)."""
-    pp_schedule: str = "1f1b"
-    """``gpipe``, ``1f1b`` or ``interleaved-1f1b``."""
-    sequence_parallel: bool = False
-    """Shard LayerNorm/dropout regions along the sequence over the tensor-parallel ranks."""
-    zero_stage: int = 0
-    """0: DDP replicas; 2: FSDP2, parameters kept gathered between forward and backward (ZeRO-2 like);
-    3: FSDP2, parameters resharded after forward (ZeRO-3 like). With ``zero_engine: deepspeed``:
-    DeepSpeed's ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)."""
-    zero_engine: str = "fsdp"
-    """Who shards for zero_stage > 0: ``fsdp`` (FSDP2; composes with tp and pp) or ``deepspeed``."""
-    optimizer_offload: bool = False
-    """DeepSpeed only: keep optimizer state and fp32 master weights on the CPU."""
-    loss_parallel: bool = True
-    """With tp > 1: cross-entropy on vocabulary-sharded logits, never gathering [B, T, V]."""
-    recompute: str = "none"
-    """Activation checkpointing: ``none``, ``full`` (every block) or ``selective`` (every
-    ``recompute_every``-th block): recomputed in backward instead of stored."""
-    recompute_every: int = 2
+class ParallelDims(ParallelConfig):
+    """A layout with ``dp`` resolved (>= 1) and every value in range; field meanings in ``ParallelConfig``."""
+
+    def __post_init__(self) -> None:
+        errors = value_errors(self, {})
+        if errors:
+            raise ValueError("invalid parallel layout: " + "; ".join(errors))
 
     @property
     def world_size(self) -> int:
         return self.pp * self.tp * self.dp
 
     @classmethod
-    def resolve(cls, *, tp: int, dp: int, sequence_parallel: bool, zero_stage: int, world_size: int,
-                errors: list[str], loss_parallel: bool = True, recompute: str = "none",
-                recompute_every: int = 2, pp: int = 1, virtual_stages: int = 1,
-                pp_schedule: str = "1f1b", zero_engine: str = "fsdp",
-                optimizer_offload: bool = False) -> "ParallelDims | None":
-        """``dp = -1`` is inferred as world_size / (tp x pp). Appends named errors and returns None when invalid."""
-        start = len(errors)
-        if tp < 1:
-            errors.append(f"parallel.tp must be >= 1, got {tp}")
-        if pp < 1:
-            errors.append(f"parallel.pp must be >= 1, got {pp}")
-        if virtual_stages < 1:
-            errors.append(f"parallel.virtual_stages must be >= 1, got {virtual_stages}")
-        if pp_schedule not in ("gpipe", "1f1b", "interleaved-1f1b"):
-            errors.append(f"parallel.pp_schedule must be 'gpipe', '1f1b' or 'interleaved-1f1b', got {pp_schedule!r}")
-        if dp == 0 or dp < -1:
-            errors.append(f"parallel.dp must be >= 1 or -1 (inferred), got {dp}")
-        if zero_engine not in ("fsdp", "deepspeed"):
-            errors.append(f"parallel.zero_engine must be 'fsdp' or 'deepspeed', got {zero_engine!r}")
-        elif zero_engine == "fsdp" and zero_stage not in (0, *FSDP_STAGES):
-            errors.append(f"parallel.zero_stage must be 0 (DDP), 2 or 3 (FSDP2), got {zero_stage}"
-                          + ("; ZeRO-1 needs parallel.zero_engine=deepspeed" if zero_stage == 1 else ""))
-        elif zero_engine == "deepspeed" and zero_stage not in (0, 1, 2, 3):
-            errors.append(f"parallel.zero_stage must be 0-3 with DeepSpeed, got {zero_stage}")
-        if zero_engine == "deepspeed" and (tp > 1 or pp > 1):
-            errors.append("parallel.zero_engine=deepspeed shards data-parallel replicas only: it needs parallel.tp = 1 "
-                          "and parallel.pp = 1 (use zero_engine=fsdp to combine sharding with tp/pp)")
-        if optimizer_offload and zero_engine != "deepspeed":
-            errors.append("parallel.optimizer_offload needs parallel.zero_engine=deepspeed")
-        if recompute not in ("none", "full", "selective"):
-            errors.append(f"parallel.recompute must be 'none', 'full' or 'selective', got {recompute!r}")
-        if recompute_every < 1:
-            errors.append(f"parallel.recompute_every must be >= 1, got {recompute_every}")
-        if len(errors) > start:
+    def from_config(cls, cfg: ParallelConfig, world_size: int, errors: list[str],
+                    names: Mapping[str, str] = CONFIG_NAMES) -> "ParallelDims | None":
+        """The trainer's layout for ``cfg`` on ``world_size`` ranks (``dp = -1`` inferred as world_size /
+        (tp x pp)): appends named errors (values, world size, then what the trainer supports) and returns
+        None when there are any."""
+        name = (lambda key: names.get(key, key))  # noqa: E731
+        # dp = -1 is inferred below, once the degrees it is inferred from are known to be valid.
+        found = value_errors(dataclasses.replace(cfg, dp=1) if cfg.dp == -1 else cfg, names)
+        if found:
+            errors.extend(found)
             return None
+        tp, pp, dp = cfg.tp, cfg.pp, cfg.dp
         if dp == -1:
             if world_size % (tp * pp):
-                errors.append(f"world size {world_size} is not divisible by parallel.tp x parallel.pp ({tp * pp})")
+                errors.append(f"world size {world_size} is not divisible by {name('tp')} x {name('pp')} ({tp * pp})")
                 return None
             dp = world_size // (tp * pp)
         if pp * tp * dp != world_size:
-            errors.append(f"parallel.pp ({pp}) x parallel.tp ({tp}) x parallel.dp ({dp}) = {pp * tp * dp} does not "
-                          f"match the world size ({world_size} processes); set parallel.dp=-1 to infer it")
+            errors.append(f"{name('pp')} ({pp}) x {name('tp')} ({tp}) x {name('dp')} ({dp}) = {pp * tp * dp} does "
+                          f"not match the world size ({world_size} processes); set {name('dp')}=-1 to infer it")
             return None
-        if pp_schedule == "interleaved-1f1b" and virtual_stages < 2:
-            errors.append("parallel.pp_schedule 'interleaved-1f1b' needs parallel.virtual_stages >= 2")
-        if pp_schedule != "interleaved-1f1b" and virtual_stages > 1:
-            errors.append(f"parallel.virtual_stages > 1 needs parallel.pp_schedule 'interleaved-1f1b', got {pp_schedule!r}")
-        if virtual_stages > 1 and pp == 1:
-            errors.append("parallel.virtual_stages > 1 needs parallel.pp > 1")
-        if sequence_parallel and tp == 1:
-            errors.append("parallel.sequence_parallel needs parallel.tp > 1")
-        if tp > 1 and dp > 1 and zero_stage == 0 and pp == 1 and zero_engine == "fsdp":
-            errors.append("parallel.tp > 1 with parallel.dp > 1 needs parallel.zero_stage 2 or 3 (FSDP2 takes "
+        dims = cls(**(dataclasses.asdict(cfg) | {"dp": dp}))
+        found = dims.support_errors(names)
+        errors.extend(found)
+        return None if found else dims
+
+    def support_errors(self, names: Mapping[str, str] = CONFIG_NAMES) -> list[str]:
+        """What ``gptforge train`` cannot run in this layout (engine stages, schedules, combinations)."""
+        name = (lambda key: names.get(key, key))  # noqa: E731
+        tp, pp, dp, zero = self.tp, self.pp, self.dp, self.zero_stage
+        errors = []
+        if self.zero_engine == "fsdp" and zero not in (0, *FSDP_STAGES):
+            errors.append(f"{name('zero_stage')} must be 0 (DDP), 2 or 3 (FSDP2), got {zero}"
+                          + (f"; ZeRO-1 needs {name('zero_engine')}=deepspeed" if zero == 1 else ""))
+        if self.deepspeed and (tp > 1 or pp > 1):
+            errors.append(f"{name('zero_engine')}=deepspeed shards data-parallel replicas only: it needs "
+                          f"{name('tp')} = 1 and {name('pp')} = 1 (use zero_engine=fsdp to combine sharding with tp/pp)")
+        if self.optimizer_offload and not self.deepspeed:
+            errors.append(f"{name('optimizer_offload')} needs {name('zero_engine')}=deepspeed")
+        if self.pp_schedule == "interleaved-1f1b" and self.virtual_stages < 2:
+            errors.append(f"{name('pp_schedule')} 'interleaved-1f1b' needs {name('virtual_stages')} >= 2")
+        if self.pp_schedule != "interleaved-1f1b" and self.virtual_stages > 1:
+            errors.append(f"{name('virtual_stages')} > 1 needs {name('pp_schedule')} 'interleaved-1f1b', "
+                          f"got {self.pp_schedule!r}")
+        if self.virtual_stages > 1 and pp == 1:
+            errors.append(f"{name('virtual_stages')} > 1 needs {name('pp')} > 1")
+        if self.sequence_parallel and tp == 1:
+            errors.append(f"{name('sequence_parallel')} needs {name('tp')} > 1")
+        if tp > 1 and dp > 1 and zero == 0 and pp == 1 and self.zero_engine == "fsdp":
+            errors.append(f"{name('tp')} > 1 with {name('dp')} > 1 needs {name('zero_stage')} 2 or 3 (FSDP2 takes "
                           "tensor-parallel parameters; DDP does not)")
-        if len(errors) > start:
-            return None
-        return cls(tp=tp, dp=dp, pp=pp, virtual_stages=virtual_stages, pp_schedule=pp_schedule,
-                   sequence_parallel=sequence_parallel, zero_stage=zero_stage, loss_parallel=loss_parallel,
-                   recompute=recompute, recompute_every=recompute_every, zero_engine=zero_engine,
-                   optimizer_offload=optimizer_offload)
+        return errors
 
     def validate_model(self, model: GPTConfig, seq_len: int) -> list[str]:
         """Shape constraints of this layout on a model (each error names the keys involved)."""

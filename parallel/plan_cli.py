@@ -1,29 +1,95 @@
 """``gptforge plan``: parameter count and single-replica memory per preset, built on the meta device; memory
-per GPU under a parallel layout, and the layouts of N GPUs that fit (``parallel/planner.py``)."""
+per GPU under a parallel layout, and the layouts of N GPUs that fit (``parallel/planner.py``).
+
+``add_arguments``/``run`` are the command (see launcher/cli.py); ``run`` turns the flags into a
+``ParallelDims`` layout and typed values, and every bad flag into a ``UserError`` naming it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import dataclasses
+import itertools
+import json
 
+from ..common.errors import UserError
 from ..model.config import GPTConfig
 from ..model.flops import count_parameters, flops_per_token, replica_memory_bytes
 from ..model.presets import PRESETS, get_preset, gpt3_presets
-from .planner import (
-    GIB,
-    MEMORY_KEYS,
-    RECOMPUTE_MODES,
-    SAFETY_MARGIN,
-    ZERO_STAGES,
-    Layout,
-    fits,
-    param_counts,
-    plan_memory,
-    propose_layouts,
-    shape_errors,
-    trainer_gaps,
-    trainer_settings,
-    value_errors,
-)
+from .config import ParallelConfig
+from .dims import RECOMPUTE_MODES, ZERO_STAGES, ParallelDims, value_errors
+from .planner import (GIB, MEMORY_KEYS, SAFETY_MARGIN, Workload, fits, layout_dict, param_counts, plan_memory,
+                      shape_errors, trainer_gaps, trainer_settings, work_errors)
+from .propose import propose_layouts
+
+FLAG_NAMES = {"tp": "--tp", "pp": "--pp", "dp": "--dp", "zero_stage": "--zero", "micro_batch": "--micro-batch",
+              "seq_len": "--seq", "recompute": "--recompute", "recompute_every": "--recompute-every",
+              "precision": "--precision"}
+"""Layout and work field -> the ``gptforge plan`` flag that sets it, so errors name what the user typed."""
+DEFAULT_GPU_MEMORY_GIB = 80.0  # an 80 GB A100/H100
+SINGLE_GPU = ParallelConfig(dp=1, sequence_parallel=True)
+"""The layout without --tp/--pp/--dp flags; sequence parallelism is on unless --no-sequence-parallel (it
+only acts with tp > 1)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Per-GPU rules: parallel/planner.py; guide: docs/parallelism.md."
+    p.add_argument("--preset", action="append", required=True,
+                   help="a preset name, 'gpt3' for the eight GPT-3 sizes or 'all'; repeatable")
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (default 1)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel degree (default 1)")
+    p.add_argument("--zero", type=int, default=None,
+                   help="ZeRO stage 0-3 (default 0); with --propose, only this stage")
+    p.add_argument("--recompute", default=None,
+                   help="none, selective (every --recompute-every-th block) or full (default none); "
+                        "with --propose, only this mode")
+    p.add_argument("--recompute-every", type=int, default=2, help="with --recompute selective (default 2)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="memory per GPU in GiB for 'fits' (default 80)")
+    p.add_argument("--optimizer-offload", action="store_true", help="optimizer state and master weights on the host")
+    p.add_argument("--no-sequence-parallel", action="store_true", help="tp without sequence parallelism")
+    p.add_argument("--propose", action="store_true", help="list the layouts of --gpus GPUs that fit, best first")
+    p.add_argument("--gpus", type=int, default=None, help="with --propose: number of GPUs")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="with --propose: the largest tp (default 8)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per step: with --propose it caps dp x micro batch; both modes check the "
+                        "trainer's pipeline rule of >= pp micro-batches (default: the preset's Table 2.1 batch)")
+    p.add_argument("--top", type=int, default=10, help="with --propose: layouts shown per preset (default 10)")
+    p.add_argument("--runnable", action="store_true",
+                   help="with --propose: only layouts that 'gptforge train' accepts today")
+
+
+def run(args: argparse.Namespace) -> int:
+    gpu_memory = args.gpu_memory if args.gpu_memory is not None else DEFAULT_GPU_MEMORY_GIB
+    common = dict(micro_batch=args.micro_batch, seq_len=args.seq, precision=args.precision, gpu_memory_gib=gpu_memory)
+    if args.propose:
+        # The search chooses tp, pp and dp; --zero and --recompute narrow it to the given value.
+        for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp)):
+            if value is not None:
+                raise UserError(f"{flag} cannot be combined with --propose (the search chooses it)")
+        rows = propose_rows(args.preset, n_gpus=args.gpus, gpus_per_node=args.gpus_per_node,
+                            zero_stages=None if args.zero is None else [args.zero],
+                            recompute=None if args.recompute is None else [args.recompute],
+                            recompute_every=args.recompute_every, optimizer_offload=args.optimizer_offload,
+                            sequence_parallel=not args.no_sequence_parallel, global_batch=args.global_batch,
+                            top=args.top, runnable_only=args.runnable, **common)
+        print(json.dumps(rows, indent=2) if args.json else render_proposals(rows))
+        return 0
+    for flag, value in (("--gpus", args.gpus), ("--runnable", args.runnable or None)):
+        if value is not None:
+            raise UserError(f"{flag} only applies with --propose (give --tp/--pp/--dp for one layout)")
+    parallel = ParallelConfig(tp=1 if args.tp is None else args.tp, pp=1 if args.pp is None else args.pp,
+                              dp=1 if args.dp is None else args.dp, zero_stage=args.zero or 0,
+                              recompute=args.recompute or "none", recompute_every=args.recompute_every,
+                              optimizer_offload=args.optimizer_offload,
+                              sequence_parallel=not args.no_sequence_parallel)
+    rows = plan_rows(args.preset, parallel=parallel, global_batch=args.global_batch, **common)
+    print(json.dumps(rows, indent=2) if args.json else render_table(rows) + "\n\n" + render_layout_table(rows))
+    return 0
 
 
 def expand_presets(names: list[str]) -> list[str]:
@@ -34,25 +100,47 @@ def expand_presets(names: list[str]) -> list[str]:
         elif name == "gpt3":
             out.extend(p.name for p in gpt3_presets())
         else:
-            out.append(get_preset(name).name)
+            try:
+                out.append(get_preset(name).name)
+            except ValueError as err:
+                raise UserError(str(err)) from None
     return list(dict.fromkeys(out))
 
 
+def flag_plan(parallel: ParallelConfig, *, gpu_memory_gib: float, seq_len: int, micro_batch: int,
+              precision: str) -> tuple[ParallelDims, Workload]:
+    """The layout (``parallel``, from the flags) and work ``gptforge plan`` describes, every bad value named
+    by its flag in one ``UserError``."""
+    errors = value_errors(parallel, FLAG_NAMES)
+    errors += work_errors(micro_batch=micro_batch, seq_len=seq_len, precision=precision, names=FLAG_NAMES)
+    if not gpu_memory_gib > 0:
+        errors.append(f"--gpu-memory must be > 0 (GiB), got {gpu_memory_gib}")
+    if errors:
+        raise UserError("; ".join(errors))
+    return (ParallelDims(**dataclasses.asdict(parallel)),
+            Workload(seq_len=seq_len, micro_batch=micro_batch, precision=precision))
+
+
+def preset_seq_len(name: str, config: GPTConfig, seq_len: int | None) -> int:
+    seq = seq_len or config.context_length
+    if seq > config.context_length:
+        raise UserError(f"--seq {seq} exceeds {name}'s context length {config.context_length}")
+    return seq
+
+
 def plan_rows(names: list[str], *, micro_batch: int, seq_len: int | None, precision: str,
-              flags: LayoutFlags | None = None, global_batch: int | None = None) -> list[dict]:
-    """One row per preset: parameters, FLOPs/token, one replica's memory, and per-GPU memory under ``flags``
-    (default: one GPU, no sharding). ``global_batch`` (sequences; default the preset's Table 2.1 batch)
-    only enters the trainer's pipeline check of enough micro-batches per step."""
-    flags = flags or LayoutFlags()
+              parallel: ParallelConfig | None = None, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+              global_batch: int | None = None) -> list[dict]:
+    """One row per preset: parameters, FLOPs/token, one replica's memory, and per-GPU memory under the layout
+    ``parallel`` (default: one GPU, no sharding). ``global_batch`` (sequences; default the preset's Table 2.1
+    batch) only enters the trainer's pipeline check of enough micro-batches per step."""
     if micro_batch < 1:
-        raise ValueError(f"--micro-batch must be >= 1, got {micro_batch}")
+        raise UserError(f"--micro-batch must be >= 1, got {micro_batch}")
     rows = []
     for name in expand_presets(names):
         preset = PRESETS[name]
         config = preset.config()
-        seq = seq_len or config.context_length
-        if seq > config.context_length:
-            raise ValueError(f"--seq {seq} exceeds {name}'s context length {config.context_length}")
+        seq = preset_seq_len(name, config, seq_len)
         counts = count_parameters(config)
         memory = replica_memory_bytes(config, micro_batch=micro_batch, seq_len=seq, precision=precision)
         row = {
@@ -71,9 +159,9 @@ def plan_rows(names: list[str], *, micro_batch: int, seq_len: int | None, precis
         }
         if preset.batch_tokens:
             row |= {"paper_batch_tokens": preset.batch_tokens, "paper_lr": preset.lr}
-        layout = flags.layout(micro_batch=micro_batch, seq_len=seq, precision=precision)
-        row |= layout_fields(name, config, layout, flags.gpu_memory_gib,
-                             global_batch_sequences(name, seq, global_batch))
+        dims, work = flag_plan(parallel or SINGLE_GPU, gpu_memory_gib=gpu_memory_gib, seq_len=seq,
+                               micro_batch=micro_batch, precision=precision)
+        row |= layout_fields(name, config, dims, work, gpu_memory_gib, global_batch_sequences(name, seq, global_batch))
         rows.append(row)
     return rows
 
@@ -91,54 +179,17 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ---- per-GPU memory under a parallel layout (parallel/planner.py) ----
-
-FLAG_NAMES = {"tp": "--tp", "pp": "--pp", "dp": "--dp", "zero_stage": "--zero", "micro_batch": "--micro-batch",
-              "seq_len": "--seq", "recompute": "--recompute", "recompute_every": "--recompute-every",
-              "precision": "--precision"}
-"""Layout field -> the ``gptforge plan`` flag that sets it, so errors name what the user typed."""
-DEFAULT_GPU_MEMORY_GIB = 80.0  # an 80 GB A100/H100
-
-
-@dataclass(kw_only=True, frozen=True)
-class LayoutFlags:
-    """The layout flags of ``gptforge plan``; a ``Layout`` per preset once its sequence length is known."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    zero_stage: int = 0
-    recompute: str = "none"
-    recompute_every: int = 2
-    optimizer_offload: bool = False
-    sequence_parallel: bool = True
-    gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB
-
-    def layout(self, *, micro_batch: int, seq_len: int, precision: str) -> Layout:
-        errors = value_errors(tp=self.tp, pp=self.pp, dp=self.dp, zero_stage=self.zero_stage,
-                              micro_batch=micro_batch, seq_len=seq_len, recompute=self.recompute,
-                              recompute_every=self.recompute_every, precision=precision, names=FLAG_NAMES)
-        if not self.gpu_memory_gib > 0:
-            errors.append(f"--gpu-memory must be > 0 (GiB), got {self.gpu_memory_gib}")
-        if errors:
-            raise ValueError("; ".join(errors))
-        return Layout(tp=self.tp, pp=self.pp, dp=self.dp, zero_stage=self.zero_stage, micro_batch=micro_batch,
-                      seq_len=seq_len, recompute=self.recompute, recompute_every=self.recompute_every,
-                      precision=precision, optimizer_offload=self.optimizer_offload,
-                      sequence_parallel=self.sequence_parallel)
-
-
-def layout_fields(name: str, config: GPTConfig, layout: Layout, gpu_memory_gib: float,
+def layout_fields(name: str, config: GPTConfig, dims: ParallelDims, work: Workload, gpu_memory_gib: float,
                   global_batch: int | None = None) -> dict:
     """The JSON fields of one preset under one layout (bytes, GiB, whether it fits, how the trainer runs it or
     why it does not)."""
-    errors = shape_errors(config, layout, names=FLAG_NAMES)
+    errors = shape_errors(config, dims, work, names=FLAG_NAMES)
     if errors:
-        raise ValueError(f"{name}: " + "; ".join(errors))
-    memory = plan_memory(config, layout)
+        raise UserError(f"{name}: " + "; ".join(errors))
+    memory = plan_memory(config, dims, work)
     per_rank = {key: memory[key] for key in (*MEMORY_KEYS, "total", "host_bytes")}
     return {
-        "layout": layout.to_dict(),
+        "layout": layout_dict(dims, work),
         "per_rank_bytes": per_rank,
         "per_rank_gib": {key: value / GIB for key, value in per_rank.items()},
         "params_per_rank": memory["params_per_rank"],
@@ -149,8 +200,8 @@ def layout_fields(name: str, config: GPTConfig, layout: Layout, gpu_memory_gib: 
         "gpu_memory_gib": gpu_memory_gib,
         "safety_margin": SAFETY_MARGIN,
         "fits": fits(memory["total"], gpu_memory_gib),
-        "trainer_settings": trainer_settings(layout),
-        "trainer_gaps": trainer_gaps(layout, global_batch),
+        "trainer_settings": trainer_settings(dims, work),
+        "trainer_gaps": trainer_gaps(dims, work, global_batch),
     }
 
 
@@ -158,57 +209,57 @@ def global_batch_sequences(name: str, seq_len: int, requested: int | None) -> in
     """``--global-batch`` if given, else the preset's Table 2.1 batch in sequences of ``seq_len`` (or None)."""
     if requested is not None:
         if requested < 1:
-            raise ValueError(f"--global-batch must be >= 1 (sequences), got {requested}")
+            raise UserError(f"--global-batch must be >= 1 (sequences), got {requested}")
         return requested
     tokens = PRESETS[name].batch_tokens
     return tokens // seq_len if tokens else None
 
 
 def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, micro_batch: int,
-                 seq_len: int | None, precision: str, flags: LayoutFlags, zero_stages: list[int] | None,
-                 recompute: list[str] | None, global_batch: int | None, top: int,
+                 seq_len: int | None, precision: str, gpu_memory_gib: float, zero_stages: list[int] | None,
+                 recompute: list[str] | None, recompute_every: int, optimizer_offload: bool,
+                 sequence_parallel: bool, global_batch: int | None, top: int,
                  runnable_only: bool = False) -> list[dict]:
     """``--propose``: per preset, the layouts of ``n_gpus`` GPUs that fit, cheapest first (at most ``top``).
 
     Layouts with dp x micro batch above the global batch are dropped: there would be ranks without a
     sequence to work on. ``runnable_only`` keeps the layouts ``gptforge train`` runs today."""
     if n_gpus is None:
-        raise ValueError("--propose needs --gpus N (the number of GPUs to lay out)")
+        raise UserError("--propose needs --gpus N (the number of GPUs to lay out)")
     for flag, value in (("--gpus", n_gpus), ("--gpus-per-node", gpus_per_node), ("--top", top),
-                        ("--micro-batch", micro_batch), ("--recompute-every", flags.recompute_every)):
+                        ("--micro-batch", micro_batch)):
         if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if not flags.gpu_memory_gib > 0:
-        raise ValueError(f"--gpu-memory must be > 0 (GiB), got {flags.gpu_memory_gib}")
-    for stage in zero_stages or ():
-        if stage not in ZERO_STAGES:
-            raise ValueError(f"--zero must be one of 0, 1, 2, 3, got {stage}")
-    for mode in recompute or ():
-        if mode not in RECOMPUTE_MODES:
-            raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not gpu_memory_gib > 0:
+        raise UserError(f"--gpu-memory must be > 0 (GiB), got {gpu_memory_gib}")
+    # The layout values the search does not choose, by the rules of every layout.
+    for stage, mode in itertools.product(zero_stages or (0,), recompute or ("none",)):
+        errors = value_errors(ParallelConfig(dp=1, zero_stage=stage, recompute=mode, recompute_every=recompute_every),
+                              FLAG_NAMES)
+        if errors:
+            raise UserError("; ".join(errors))
     rows = []
     for name in expand_presets(names):
         config = PRESETS[name].config()
-        seq = seq_len or config.context_length
-        if seq > config.context_length:
-            raise ValueError(f"--seq {seq} exceeds {name}'s context length {config.context_length}")
+        seq = preset_seq_len(name, config, seq_len)
+        work = Workload(seq_len=seq, micro_batch=micro_batch, precision=precision)
         batch = global_batch_sequences(name, seq, global_batch)
         proposals = propose_layouts(
-            config, n_gpus=n_gpus, gpus_per_node=gpus_per_node, gpu_memory_gib=flags.gpu_memory_gib,
+            config, n_gpus=n_gpus, gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gib,
             seq_len=seq, micro_batch=micro_batch, precision=precision,
             zero_stages=zero_stages or ZERO_STAGES, recompute=recompute or RECOMPUTE_MODES,
-            recompute_every=flags.recompute_every, optimizer_offload=flags.optimizer_offload,
-            sequence_parallel=flags.sequence_parallel)
+            recompute_every=recompute_every, optimizer_offload=optimizer_offload,
+            sequence_parallel=sequence_parallel)
         if batch is not None:
             proposals = [p for p in proposals if p.layout.dp * micro_batch <= batch]
         if runnable_only:
-            proposals = [p for p in proposals if not trainer_gaps(p.layout, batch)]
+            proposals = [p for p in proposals if not trainer_gaps(p.layout, work, batch)]
         rows.append({
             "preset": name, "n_params": param_counts(config).total(config.n_layer), "n_gpus": n_gpus,
-            "gpus_per_node": gpus_per_node, "gpu_memory_gib": flags.gpu_memory_gib, "seq_len": seq,
+            "gpus_per_node": gpus_per_node, "gpu_memory_gib": gpu_memory_gib, "seq_len": seq,
             "micro_batch": micro_batch, "precision": precision, "global_batch_sequences": batch,
             "runnable_only": runnable_only, "n_fitting": len(proposals),
-            "layouts": [layout_fields(name, config, p.layout, flags.gpu_memory_gib, batch) for p in proposals[:top]],
+            "layouts": [layout_fields(name, config, p.layout, work, gpu_memory_gib, batch) for p in proposals[:top]],
         })
     return rows
 

@@ -15,7 +15,7 @@ from gptforge.evaluation.tasks import (ChoiceScores, Example, Task, TaskFileErro
                                           sample_demonstrations)
 from gptforge.evaluation import cli as eval_cli
 from gptforge.evaluation.evaluate import document_range
-from gptforge.finetune.finetune import write_checkpoint
+from gptforge.training.checkpoint import write_model_checkpoint
 from gptforge.model import build_model, get_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def checkpoint(tokenizer_model, tmp_path_factory) -> str:
 
     config = get_preset("tiny").config(vocab_size=Tokenizer(tokenizer_model).vocab_size)
     path = str(tmp_path_factory.mktemp("ckpt") / "step_00000000")
-    return write_checkpoint(path, build_model(config, seed=5).eval(), tokenizer_model, {"step": 0})
+    return write_model_checkpoint(path, build_model(config, seed=5).eval(), tokenizer_model, {"step": 0})
 
 
 def example(context: str, answer: str) -> Example:

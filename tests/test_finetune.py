@@ -10,19 +10,20 @@ import torch
 import yaml
 
 from gptforge.common.config import ConfigError
-from gptforge.finetune.finetune import (GPTClassifier, add_finetune_parser, extend_vocabulary, lm_loss,
-                                        load_finetuned, write_checkpoint)
+from gptforge.finetune import cli as finetune_cli
+from gptforge.finetune.finetune import (GPTClassifier, extend_vocabulary, lm_loss,
+                                        load_finetuned)
 from gptforge.finetune.data import FinetuneTaskConfig, SpecialTokens, load_examples, transform
 from gptforge.model import build_model, get_preset
+from gptforge.training.checkpoint import write_model_checkpoint
 
 S = SpecialTokens(start=900, delimiter=901, extract=902)
 
 
 def run_finetune(config: str, *overrides: str) -> int:
     parser = argparse.ArgumentParser()
-    add_finetune_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune", "--config", config, *overrides])
-    return args.func(args)
+    finetune_cli.add_arguments(parser)
+    return finetune_cli.run(parser.parse_args(["--config", config, *overrides]))
 
 
 # ------------------------------------------------------------------------------------------ layouts
@@ -122,8 +123,8 @@ def job(tokenizer_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("finetune")
     config = get_preset("tiny").config(vocab_size=Tokenizer(tokenizer_model).vocab_size)
-    checkpoint = write_checkpoint(str(root / "pre" / "step_00000000"), build_model(config, seed=1), tokenizer_model,
-                                  {"step": 0})
+    checkpoint = write_model_checkpoint(str(root / "pre" / "step_00000000"), build_model(config, seed=1),
+                                        tokenizer_model, {"step": 0})
     for name, n, seed in (("train", 320, 1), ("eval", 100, 2)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic(n, seed)))
     cfg = {"checkpoint": checkpoint, "output_dir": str(root / "out"),

@@ -15,10 +15,11 @@ from helpers.launch import losses, run_train
 
 from gptforge.data_prep.tokenization.indexed_writer import tokenize_to_indexed
 from gptforge.data_prep.tokenization.tokenizer import BYTE_BPE, EOD_TOKEN, Tokenizer, train_tokenizer_of_kind
-from gptforge.finetune.finetune import write_checkpoint
-from gptforge.interop.cli import add_hf_parsers, add_tokenizer_kind_argument
+from gptforge.launcher.cli import load_command
+from gptforge.data_prep.tokenization.cli import add_tokenizer_kind_argument
 from gptforge.interop.hf_export import export_hf
 from gptforge.interop.hf_import import import_hf
+from gptforge.training.checkpoint import write_model_checkpoint
 from gptforge.training.trained_model import load_trained_model
 from gptforge.model import build_model, get_preset
 
@@ -31,10 +32,11 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 def hf_cli(*argv: str):
     """Run ``export-hf``/``import-hf`` through their parsers, as the console script does."""
-    parser = argparse.ArgumentParser(prog="gptforge")
-    add_hf_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    command, *rest = argv
+    add_arguments, run = load_command(command)
+    parser = argparse.ArgumentParser(prog=f"gptforge {command}")
+    add_arguments(parser)
+    return run(parser.parse_args(rest))
 
 
 def checkpoint_of(root, tokenizer_path: str, preset: str = "tiny", **overrides) -> str:
@@ -47,7 +49,7 @@ def checkpoint_of(root, tokenizer_path: str, preset: str = "tiny", **overrides) 
         for name, param in model.named_parameters():
             if param.dim() == 1:
                 param.copy_(1.0 * name.endswith("weight") + 0.2 * torch.randn(param.shape, generator=generator))
-    return write_checkpoint(str(root / "ckpt" / "step_00000000"), model.eval(), tokenizer_path, {"step": 0})
+    return write_model_checkpoint(str(root / "ckpt" / "step_00000000"), model.eval(), tokenizer_path, {"step": 0})
 
 
 def assert_same_model(folder: str, checkpoint: str) -> None:

@@ -20,7 +20,7 @@ from gptforge.data_prep.tokenization.tokenizer import Tokenizer
 from gptforge.launcher.cli import main as gptforge_main
 from gptforge.evaluation.tasks import ChoiceScores, Example, Task, choose, load_task
 from gptforge.evaluation.evaluate import score_completions
-from gptforge.finetune.finetune import write_checkpoint
+from gptforge.training.checkpoint import write_model_checkpoint
 from gptforge.training.trained_model import load_trained_model
 from gptforge.model import build_model, get_preset
 
@@ -55,7 +55,7 @@ def exported(tokenizer_model, tmp_path_factory):
         for name, param in model.named_parameters():
             if param.dim() == 1:
                 param.copy_(1.0 * name.endswith("weight") + 0.2 * torch.randn(param.shape, generator=generator))
-    checkpoint = write_checkpoint(str(root / "ckpt" / "step_00000000"), model.eval(), tokenizer_model, {"step": 0})
+    checkpoint = write_model_checkpoint(str(root / "ckpt" / "step_00000000"), model.eval(), tokenizer_model, {"step": 0})
     out = str(root / "hf")
     assert gptforge_main(["export-hf", checkpoint, out]) == 0
     return root, checkpoint, out

@@ -1,7 +1,6 @@
 """The memory planner (parallel/planner.py): its weights per rank against the trainer's real sharding on a fake
 process group, its rules one by one, and ``gptforge plan`` with layout flags."""
 
-import dataclasses
 import json
 import subprocess
 
@@ -11,19 +10,19 @@ from gptforge.launcher.cli import main as cli_main
 from gptforge.model.flops import count_parameters
 from gptforge.model.presets import PRESETS, get_preset
 from gptforge.parallel.fake_mesh import Measurement, measure_in_subprocess
+from gptforge.parallel.dims import ParallelDims
 from gptforge.parallel.planner import (
     GIB,
     MEMORY_KEYS,
-    Layout,
+    Workload,
     fits,
-    layout_cost,
     param_counts,
     plan_memory,
-    propose_layouts,
     shape_errors,
     trainer_gaps,
     trainer_settings,
 )
+from gptforge.parallel.propose import layout_cost, propose_layouts
 
 from helpers.launch import GPTFORGE
 
@@ -47,8 +46,11 @@ FAKE_PG_CASES = [
 ]
 
 
-def layout_of(tp, pp, dp, zero, precision="bf16", **kw) -> Layout:
-    return Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, precision=precision, seq_len=kw.pop("seq_len", SEQ), **kw)
+def layout_of(tp, pp, dp, zero, precision="bf16", *, seq_len=SEQ, micro_batch=1, sequence_parallel=True,
+              **kw) -> tuple[ParallelDims, Workload]:
+    """A planned layout and its work (the planner's default: sequence parallelism on)."""
+    return (ParallelDims(tp=tp, pp=pp, dp=dp, zero_stage=zero, sequence_parallel=sequence_parallel, **kw),
+            Workload(seq_len=seq_len, micro_batch=micro_batch, precision=precision))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def measured() -> list[dict[str, int]]:
 def test_weights_per_rank_match_fake_process_group(measured, index):
     name, tp, pp, dp, zero, precision = FAKE_PG_CASES[index]
     config = get_preset(name).config()
-    plan = plan_memory(config, layout_of(tp, pp, dp, zero, precision, seq_len=min(SEQ, config.context_length)))
+    plan = plan_memory(config, *layout_of(tp, pp, dp, zero, precision, seq_len=min(SEQ, config.context_length)))
     planned = {}
     for stage in plan["stages"]:
         planned.setdefault(stage["role"], stage["weights"])  # middle stages all hold the same weights
@@ -101,7 +103,7 @@ def test_tensor_parallel_divides_matrices_not_layernorms_or_row_biases():
 def test_pipeline_stages_hold_their_blocks_and_embeddings():
     config = get_preset("gpt3-13b").config()
     one = param_counts(config, 4)
-    plan = plan_memory(config, layout_of(4, 4, 8, 1))
+    plan = plan_memory(config, *layout_of(4, 4, 8, 1))
     roles = [s["role"] for s in plan["stages"]]
     assert roles == ["first", "middle", "middle", "last"]
     first, middle, last = plan["stages"][0], plan["stages"][1], plan["stages"][3]
@@ -116,12 +118,12 @@ def test_pipeline_stages_hold_their_blocks_and_embeddings():
     logits = SEQ * config.padded_vocab_size // 4 * 4
     assert first["activations"] == 40 * block
     assert last["activations"] == 10 * block + logits
-    assert plan_memory(config, layout_of(4, 1, 32, 1))["activations"] == 40 * block + logits
+    assert plan_memory(config, *layout_of(4, 1, 32, 1))["activations"] == 40 * block + logits
 
 
 def test_zero_stages_shard_what_they_should():
     config = get_preset("gpt3-1.3b").config()
-    plans = [plan_memory(config, layout_of(2, 1, 8, zero)) for zero in range(4)]
+    plans = [plan_memory(config, *layout_of(2, 1, 8, zero)) for zero in range(4)]
     n = plans[0]["model_parallel_params"]
     assert (plans[0]["weights"], plans[0]["gradients"], plans[0]["master_weights"], plans[0]["optimizer_state"]) \
         == (2 * n, 2 * n, 4 * n, 8 * n)
@@ -133,7 +135,7 @@ def test_zero_stages_shard_what_they_should():
     assert len({p["activations"] for p in plans}) == 1
     totals = [p["total"] for p in plans]
     assert totals == sorted(totals, reverse=True) and totals[0] > 3 * totals[3]
-    offload = plan_memory(config, layout_of(2, 1, 8, 1, optimizer_offload=True))
+    offload = plan_memory(config, *layout_of(2, 1, 8, 1, optimizer_offload=True))
     assert offload["master_weights"] == offload["optimizer_state"] == 0
     assert offload["host_bytes"] == plans[1]["master_weights"] + plans[1]["optimizer_state"]
     assert offload["total"] == plans[1]["total"] - offload["host_bytes"]
@@ -143,19 +145,19 @@ def test_recompute_sequence_parallel_and_precision_change_activations():
     config = get_preset("gpt3-125m").config()  # 12 blocks, d 768
     sbh = SEQ * 768
     logits = SEQ * config.padded_vocab_size * 4
-    act = {mode: plan_memory(config, layout_of(1, 1, 1, 0, recompute=mode))["activations"] - logits
+    act = {mode: plan_memory(config, *layout_of(1, 1, 1, 0, recompute=mode))["activations"] - logits
            for mode in ("none", "selective", "full")}
     assert act["none"] == 12 * 34 * sbh
     assert act["full"] == 12 * 2 * sbh + 34 * sbh  # block inputs + the block being recomputed
     assert act["selective"] == 6 * 2 * sbh + 6 * 34 * sbh + 34 * sbh  # blocks 0, 2, 4, ... checkpointed
-    every3 = plan_memory(config, layout_of(1, 1, 1, 0, recompute="selective", recompute_every=3))
+    every3 = plan_memory(config, *layout_of(1, 1, 1, 0, recompute="selective", recompute_every=3))
     assert every3["activations"] - logits == 4 * 2 * sbh + 8 * 34 * sbh + 34 * sbh
-    tp4 = lambda **kw: plan_memory(config, layout_of(4, 1, 1, 0, **kw))["activations"] - logits // 4  # noqa: E731
+    tp4 = lambda **kw: plan_memory(config, *layout_of(4, 1, 1, 0, **kw))["activations"] - logits // 4  # noqa: E731
     assert tp4() == 12 * 34 * sbh // 4
     assert tp4(sequence_parallel=False) == 12 * sbh * (10 + 24 // 4)
     assert tp4(recompute="full") == 12 * 2 * sbh // 4 + 34 * sbh // 4
-    fp32 = plan_memory(config, layout_of(1, 1, 1, 0, "fp32"))
-    bf16 = plan_memory(config, layout_of(1, 1, 1, 0))
+    fp32 = plan_memory(config, *layout_of(1, 1, 1, 0, "fp32"))
+    bf16 = plan_memory(config, *layout_of(1, 1, 1, 0))
     assert fp32["activations"] - logits == 2 * act["none"]
     assert fp32["weights"] == 2 * bf16["weights"] and fp32["master_weights"] == 0
 
@@ -174,11 +176,15 @@ def test_layout_and_shape_errors_name_the_field():
     with pytest.raises(ValueError, match="recompute must be one of"):
         layout_of(1, 1, 1, 0, recompute="some")
     config = get_preset("gpt3-1.3b").config()  # 16 heads, 24 layers
-    errors = shape_errors(config, layout_of(32, 5, 1, 0))
+    errors = shape_errors(config, *layout_of(32, 5, 1, 0))
     assert any("tp (32) must divide the model's n_head (16)" in e for e in errors)
     assert any("pp (5) must divide the model's n_layer (24)" in e for e in errors)
     with pytest.raises(ValueError, match="n_head"):
-        plan_memory(config, layout_of(32, 1, 1, 0))
+        plan_memory(config, *layout_of(32, 1, 1, 0))
+
+
+def tp_pp_dp_zero(dims: ParallelDims) -> tuple[int, int, int, int]:
+    return dims.tp, dims.pp, dims.dp, dims.zero_stage
 
 
 def test_propose_layouts_fit_and_come_cheapest_first():
@@ -194,14 +200,14 @@ def test_propose_layouts_fit_and_come_cheapest_first():
     assert costs == sorted(costs) and proposals[0].layout.recompute == "none"
     small = propose_layouts(get_preset("gpt3-125m").config(), n_gpus=8, gpus_per_node=8, gpu_memory_gib=80,
                             seq_len=SEQ)
-    assert dataclasses.astuple(small[0].layout)[:4] == (1, 1, 8, 0)  # plain DDP wins for a small model
+    assert tp_pp_dp_zero(small[0].layout) == (1, 1, 8, 0)  # plain DDP wins for a small model
     # Only the layouts that fit come back: in 2 GiB the small model needs sharding or recompute.
     assert small[0].memory["total"] > 0.9 * 2 * GIB
     tight = propose_layouts(get_preset("gpt3-125m").config(), n_gpus=8, gpus_per_node=8, gpu_memory_gib=2,
                             seq_len=SEQ)
     assert tight and all(fits(p.memory["total"], 2) for p in tight) and len(tight) < len(small)
-    assert dataclasses.astuple(tight[0].layout)[:4] != (1, 1, 8, 0)
-    assert layout_cost(layout_of(1, 1, 8, 0, recompute="full"), 0) > layout_cost(layout_of(8, 1, 1, 0), 10**12)
+    assert tp_pp_dp_zero(tight[0].layout) != (1, 1, 8, 0)
+    assert layout_cost(layout_of(1, 1, 8, 0, recompute="full")[0], 0) > layout_cost(layout_of(8, 1, 1, 0)[0], 10**12)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -219,7 +225,7 @@ def test_cli_175b_fits_with_tp8_pp16_dp8_and_not_on_one_gpu():
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(proc.stdout)
     assert row["fits"] is True and row["layout"]["n_gpus"] == 1024
-    planned = plan_memory(get_preset("gpt3-175b").config(), layout_of(8, 16, 8, 1, recompute="full"))
+    planned = plan_memory(get_preset("gpt3-175b").config(), *layout_of(8, 16, 8, 1, recompute="full"))
     assert row["per_rank_bytes"]["total"] == planned["total"]
     assert sum(row["per_rank_bytes"][k] for k in MEMORY_KEYS) == row["per_rank_bytes"]["total"]
     assert row["per_rank_gib"]["total"] < 0.9 * 80
@@ -266,13 +272,13 @@ def test_cli_json_propose(capsys):
 
 
 def test_trainer_gaps_follow_the_trainers_rules():
-    gaps = lambda *args, global_batch=None, **kw: trainer_gaps(layout_of(*args, **kw), global_batch)  # noqa: E731
+    gaps = lambda *args, global_batch=None, **kw: trainer_gaps(*layout_of(*args, **kw), global_batch)  # noqa: E731
     assert gaps(8, 16, 8, 0, global_batch=1536) == []  # pipelines average gradients over replicas
     assert any("micro-batches" in g for g in gaps(8, 16, 8, 0, global_batch=64))  # 8 per step < pp 16
     assert any("deepspeed" in g for g in gaps(8, 16, 8, 1))  # ZeRO-1 is DeepSpeed's, data parallel only
     assert gaps(8, 16, 8, 3) == [] and gaps(8, 16, 8, 2) == []  # FSDP2 shards every pipeline stage
-    assert gaps(1, 1, 8, 1) == [] and trainer_settings(layout_of(1, 1, 8, 1))["zero_engine"] == "deepspeed"
-    assert gaps(8, 1, 16, 3) == [] and trainer_settings(layout_of(8, 1, 16, 3))["zero_engine"] == "fsdp"
+    assert gaps(1, 1, 8, 1) == [] and trainer_settings(*layout_of(1, 1, 8, 1))["zero_engine"] == "deepspeed"
+    assert gaps(8, 1, 16, 3) == [] and trainer_settings(*layout_of(8, 1, 16, 3))["zero_engine"] == "fsdp"
     assert any("DDP does not" in g for g in gaps(2, 1, 4, 0))
     assert any("fp16" in g for g in gaps(2, 1, 4, 3, "fp16"))  # FSDP2 refuses fp16 ...
     assert gaps(1, 1, 8, 3, "fp16") == []  # ... DeepSpeed takes it
@@ -296,3 +302,23 @@ def test_cli_bad_values_are_one_line_naming_the_flag(capsys, argv, message):
     code, out, err = run_cli(capsys, "--preset", "gpt3-13b", *argv)
     assert code == 2 and out == ""
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_one_set_of_layout_rules_names_config_keys_or_flags():
+    from gptforge.parallel.config import ParallelConfig
+    from gptforge.parallel.dims import value_errors
+    from gptforge.parallel.plan_cli import FLAG_NAMES
+
+    bad = ParallelConfig(tp=0, dp=1, zero_stage=5, recompute_every=0)
+    errors: list[str] = []
+    assert ParallelDims.from_config(bad, 8, errors) is None
+    assert errors == ["parallel.tp must be an integer >= 1, got 0",
+                      "parallel.recompute_every must be an integer >= 1, got 0",
+                      "parallel.zero_stage must be one of 0, 1, 2, 3, got 5"]
+    assert value_errors(bad, FLAG_NAMES) == ["--tp must be an integer >= 1, got 0",
+                                             "--recompute-every must be an integer >= 1, got 0",
+                                             "--zero must be one of 0, 1, 2, 3, got 5"]
+    with pytest.raises(ValueError, match="tp must be an integer >= 1, got 0"):
+        ParallelDims(tp=0, dp=1)
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, zero_stage=3), 8, errors := [])
+    assert errors == [] and (dims.tp, dims.dp, dims.world_size) == (2, 4, 8)

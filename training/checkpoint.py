@@ -8,18 +8,21 @@ SentencePiece, ``tokenizer.json`` for byte-level BPE) and ``rng_rank{r}.pt`` (ea
 A checkpoint whose ``trainer_state.json`` says ``"weights_only": true`` (written by ``gptforge
 import-hf``) starts training from its weights with a fresh optimizer and the run's own RNG seed.
 
-A checkpoint is written under ``.tmp-step_...`` and renamed into place only after every rank finished
-and the files were fsynced, so a torn save is never picked up; ``keep_last`` complete ones are kept.
+Every checkpoint folder (training's, ``gptforge finetune``'s, ``gptforge import-hf``'s) is written by
+``write_checkpoint``: under ``.tmp-step_...``, renamed into place only after every rank finished and the
+files were fsynced, so a torn save is never picked up; ``keep_last`` complete ones are kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
@@ -29,8 +32,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from ..common.atomic import atomic_write_json, fsync_path, fsync_tree
+from ..common.atomic import atomic_folder, atomic_write_json, sibling, swap_folder
+from ..common.errors import UserError
 from ..parallel import deepspeed_engine
+from ..model.gpt import GPT
 from ..parallel.distributed import DistInfo, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -45,7 +50,7 @@ TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "byte-bpe": "tokenizer.json"
 STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     pass
 
 
@@ -84,6 +89,67 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_checkpoint(directory: str, state_dicts: dict[str, dict], trainer_state: dict, *,
+                     files: Mapping[str, str] | None = None, extra: Mapping[str, object] | None = None,
+                     info: DistInfo | None = None, before_commit: Callable[[str], None] | None = None) -> str:
+    """Write the checkpoint folder ``directory``: ``state_dicts`` with DCP (``{"model": ...}``, optionally
+    ``"optim"``, by parameter name), ``trainer_state`` as ``trainer_state.json``, ``files`` (name -> path)
+    copied in, ``extra`` (name -> object; ``.json`` names as JSON, others with ``torch.save``). It is
+    written beside ``directory`` under ``.tmp-NAME``, fsynced and renamed into place (an older folder of
+    that name is replaced only then), so a reader never sees a partial one.
+
+    ``info`` None: this one process writes it all. Otherwise every rank of the job calls it: each saves
+    its shards and its RNG state (``rng_rank{r}.pt``, for an exact resume); ``before_commit(tmp_dir)``
+    runs on every rank once all shards are written; rank 0 completes the folder and renames it. A save
+    killed before the rename leaves only ``.tmp-NAME`` (``CheckpointManager`` removes it)."""
+    if info is None:
+        with atomic_folder(directory) as tmp:
+            with warnings.catch_warnings():  # one process is the point here
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(state_dicts, checkpoint_id=tmp, no_dist=True)
+            if before_commit is not None:
+                before_commit(tmp)
+            _write_small_files(tmp, trainer_state, files, extra)
+        return directory
+    tmp = sibling(directory, "tmp")
+    dcp.save(state_dicts, checkpoint_id=tmp)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
+    barrier()
+    if before_commit is not None:
+        before_commit(tmp)
+    if info.is_main:
+        _write_small_files(tmp, trainer_state, files, extra)
+        swap_folder(tmp, directory)
+    barrier()
+    return directory
+
+
+def _write_small_files(folder: str, trainer_state: dict, files: Mapping[str, str] | None,
+                       extra: Mapping[str, object] | None) -> None:
+    for name, source in (files or {}).items():
+        shutil.copyfile(source, os.path.join(folder, name))
+    for name, obj in (extra or {}).items():
+        if name.endswith(".json"):
+            atomic_write_json(os.path.join(folder, name), obj)
+        else:
+            torch.save(obj, os.path.join(folder, name))
+    # Last: with .metadata it is what makes a folder a complete checkpoint (``is_complete``).
+    atomic_write_json(os.path.join(folder, STATE_FILE), trainer_state)
+
+
+def write_model_checkpoint(directory: str, model: GPT, tokenizer_path: str, state: dict, *,
+                           optim_state: dict | None = None, extra: Mapping[str, object] | None = None) -> str:
+    """A plain (unsharded) GPT of this one process as a checkpoint folder that ``load_trained_model`` reads
+    and training resumes from: its weights, ``state`` plus the model's config and shape in
+    ``trainer_state.json``, a copy of the tokenizer, and ``optim_state`` (optimizer state by parameter
+    name) when given; ``extra`` as in ``write_checkpoint``."""
+    state_dicts = {"model": model.state_dict()} | ({"optim": optim_state} if optim_state is not None else {})
+    trainer_state = state | {"model_config": dataclasses.asdict(model.config),
+                             "model_shape": model.config.shape_dict()}
+    return write_checkpoint(directory, state_dicts, trainer_state,
+                            files={tokenizer_file_name(tokenizer_path): tokenizer_path}, extra=extra)
+
+
 class CheckpointManager:
     def __init__(self, directory: str, keep_last: int, info: DistInfo) -> None:
         self.dir = directory
@@ -92,7 +158,7 @@ class CheckpointManager:
         if info.is_main:
             os.makedirs(directory, exist_ok=True)
             for name in os.listdir(directory):
-                if name.startswith(".tmp-"):  # left by a save that was killed
+                if name.startswith((".tmp-", ".old-")):  # left by a save that was killed
                     shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
         barrier()
 
@@ -120,23 +186,13 @@ class CheckpointManager:
         final = os.path.join(self.dir, f"step_{step:08d}")
         if is_complete(final):
             return final
-        tmp = os.path.join(self.dir, f".tmp-step_{step:08d}")
         if engine is not None:  # DeepSpeed: gathered to named full tensors, the same files as any layout
             model_sd, optim_sd = deepspeed_engine.full_state_dicts(engine, model, step)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.info.rank}.pt"))
-        barrier()
-        if before_commit is not None:
-            before_commit(tmp)
+        write_checkpoint(final, {"model": model_sd, "optim": optim_sd}, trainer_state | {"step": step},
+                         files=files, info=self.info, before_commit=before_commit)
         if self.info.is_main:
-            for name, source in (files or {}).items():
-                shutil.copyfile(source, os.path.join(tmp, name))
-            atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state | {"step": step})
-            fsync_tree(tmp)
-            os.replace(tmp, final)
-            fsync_path(self.dir)
             for _, old in self.complete_steps()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()

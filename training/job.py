@@ -115,13 +115,7 @@ def _check_job(job: JobConfig, world_size: int, errors: list[str]) -> dict:
     if seq_len is not None and seq_len < 1:
         errors.append(f"train.seq_len must be >= 1, got {seq_len}")
 
-    par = job.parallel
-    dims = ParallelDims.resolve(tp=par.tp, dp=par.dp, sequence_parallel=par.sequence_parallel,
-                                zero_stage=par.zero_stage, world_size=world_size, errors=errors,
-                                loss_parallel=par.loss_parallel, recompute=par.recompute,
-                                recompute_every=par.recompute_every, pp=par.pp,
-                                virtual_stages=par.virtual_stages, pp_schedule=par.pp_schedule,
-                                zero_engine=par.zero_engine, optimizer_offload=par.optimizer_offload)
+    dims = ParallelDims.from_config(job.parallel, world_size, errors)
     if dims is not None and model is not None and seq_len:
         errors.extend(dims.validate_model(model, seq_len))
     if dims is not None and dims.pp > 1:

@@ -32,6 +32,17 @@ class TrainedModel:
     """Its trainer_state.json (step, tokens seen, the training config)."""
 
 
+def parse_device(name: str) -> torch.device:
+    """The ``--device`` of the commands that load a trained model (generate, eval, finetune)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"--device {name!r} is not a device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def resolve_checkpoint(path: str) -> str:
     """A step folder, a ``checkpoints`` folder or a run folder -> the newest complete step folder."""
     if not os.path.exists(path):
