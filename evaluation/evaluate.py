@@ -4,7 +4,7 @@
    validation part of ``--data-split`` with the training split rule) are packed end to end, with their
    end-of-text tokens, into windows of ``--seq-len`` tokens (GPT-3 Appendix B packs training data the
    same way); every token but the first is predicted once. Reported: mean token loss and its exp.
-2. Tasks (``--task FILE``): the JSONL format of ``eval_tasks.py`` / ``docs/evaluation.md``, each scored
+2. Tasks (``--task FILE``): the JSONL format of ``evaluation/tasks.py`` / ``docs/evaluation.md``, each scored
    with K = each of ``--shots`` demonstrations by GPT-3's rules (GPT-3, Brown et al. 2020,
    section 2.4 "Evaluation"): LAMBADA last-word accuracy (greedy) and perplexity; multiple choice by
    log-likelihood, total, per token and (when the task asks) against ``"Answer: "``.
@@ -59,7 +59,7 @@ def check_eval_flags(*, data: list[str], tasks: list[str], seq_len: int | None, 
 
 def document_range(n_documents: int, split: str | None) -> tuple[int, int]:
     """Documents [begin, end) scored: all, or the validation part of ``split`` rounded as megatron-core's
-    builder cuts documents into splits (``gpt_data.check_sources`` uses the same rule)."""
+    builder cuts documents into splits (``training/data.py check_sources`` uses the same rule)."""
     if split is None:
         return 0, n_documents
     from ..training.data import split_fractions

@@ -4,7 +4,7 @@ GPT-1 (Radford et al. 2018), section 3.2 "Supervised fine-tuning" (equations 3-5
 (Fine-tuning details): a linear head W_y on the final hidden state of the last (extract) token; objective
 L3 = L2 + lambda * L1 with L2 the task cross-entropy and L1 the language-modelling loss on the same
 inputs, lambda = 0.5 (``train.aux_lm_weight``; 0 turns it off). Input transformations:
-``finetune_data.py``.
+``finetune/data.py``.
 
 Special tokens: ``[s]``, ``$`` and ``[e]`` get ids V, V+1, V+2 (V = the pretrained vocabulary size): the
 embedding gets new rows after the pretrained ones, drawn by the model's own rule for token embeddings

