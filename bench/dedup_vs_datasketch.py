@@ -26,13 +26,11 @@ Recall: planted positives linked; precision: linked pairs that are planted posit
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import random
 import re
 import statistics
-import sysconfig
 import tempfile
 import time
 import unicodedata
@@ -43,32 +41,16 @@ from gptforge.data_prep.dedup.dedup import (DedupConfig, cluster_signatures, com
                                             near_duplicate_labels, normalize_text)
 from gptforge.data_prep.dedup.minhash import MinHasher
 from gptforge.data_prep.readers.documents import SkipLog, iter_records
+from gptforge.data_prep.readers.text_files import stdlib_docstrings
 
 POSITIVE = (0.85, 0.9, 0.95)
 NEGATIVE = (0.5, 0.6, 0.7)
 
 
 def stdlib_vocabulary(docs: int = 400) -> list[str]:
-    """The words (runs of letters) of the first ``docs`` docstrings over 200 characters of the installed
-    standard library's top-level modules, in file order: real English every machine with Python has."""
-    root = sysconfig.get_paths()["stdlib"]
-    texts: list[str] = []
-    for name in sorted(os.listdir(root)):
-        if not name.endswith(".py"):
-            continue
-        try:
-            with open(os.path.join(root, name), encoding="utf-8") as handle:
-                tree = ast.parse(handle.read())
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in [tree, *ast.walk(tree)]:  # ast.walk starts at tree too: a module docstring counts twice
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    texts.append(doc)
-        if len(texts) >= docs:
-            break
-    return sorted({word for text in texts[:docs] for word in re.findall(r"[A-Za-z]+", text)})
+    """The words (runs of letters) of the standard library's docstrings: real English every machine with
+    Python has."""
+    return sorted({word for text in stdlib_docstrings(docs) for word in re.findall(r"[A-Za-z]+", text)})
 
 
 def build_corpus(path: str, n_docs: int, pairs_per_level: int, seed: int) -> list[tuple[str, str, float]]:

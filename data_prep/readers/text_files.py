@@ -1,10 +1,14 @@
-"""Plain text files -> one JSONL of documents (``{"id", "text", "source"}``), written atomically."""
+"""Plain text files -> one JSONL of documents (``{"id", "text", "source"}``), written atomically; and the
+docstrings of the installed Python standard library, a small real-English corpus every machine with Python
+has (PSF License), for smoke runs and benchmarks."""
 
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import os
+import sysconfig
 
 from ...common.errors import UserError
 from ...common.atomic import atomic_write_text
@@ -37,3 +41,27 @@ def files_to_jsonl(root: str, patterns: list[str], output: str, *, min_chars: in
         raise UserError(f"files-to-jsonl: all {len(paths)} matching files under {root!r} were skipped")
     atomic_write_text(output, "\n".join(lines) + "\n")
     return len(lines), skipped
+
+
+def stdlib_docstrings(limit: int = 400) -> list[str]:
+    """The first ``limit`` docstrings longer than 200 characters of the standard library's top-level
+    modules (modules, classes and functions, in file order; a module's own docstring comes twice, as
+    ``ast.walk`` starts at the module)."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs: list[str] = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        try:
+            with open(os.path.join(root, name), encoding="utf-8") as handle:
+                tree = ast.parse(handle.read())
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    docs.append(doc)
+        if len(docs) >= limit:
+            break
+    return docs[:limit]

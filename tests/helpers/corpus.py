@@ -3,30 +3,7 @@ tiny training config the tests start from."""
 
 from __future__ import annotations
 
-import ast
-import os
-import sysconfig
-
-
-def stdlib_docstrings(limit: int = 400) -> list[str]:
-    root = sysconfig.get_paths()["stdlib"]
-    docs = []
-    for name in sorted(os.listdir(root)):
-        if not name.endswith(".py"):
-            continue
-        try:
-            with open(os.path.join(root, name), encoding="utf-8") as handle:
-                tree = ast.parse(handle.read())
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in [tree, *ast.walk(tree)]:
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    docs.append(doc)
-        if len(docs) >= limit:
-            break
-    return docs[:limit]
+from gptforge.data_prep.readers.text_files import stdlib_docstrings  # noqa: F401 (the tests' corpus)
 
 
 def base_config(run_dir, tokenizer_model: str, indexed_prefix: str) -> dict:
