@@ -8,8 +8,10 @@ from __future__ import annotations
 import gzip
 import json
 
+from .errors import UserError
 
-def strict_json_lines(path: str, error: type[ValueError] = ValueError) -> list[tuple[int, dict]]:
+
+def strict_json_lines(path: str, error: type[UserError] = UserError) -> list[tuple[int, dict]]:
     """(line number, object) of a small JSONL(.gz) file that must be valid throughout (task and
     fine-tuning files, not corpora): the first bad line raises ``error`` naming the file and line."""
     opener = gzip.open if path.endswith(".gz") else open

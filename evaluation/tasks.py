@@ -152,7 +152,7 @@ def sample_demonstrations(train: list[Example], k: int, *, seed: int, query_inde
     "drawing K examples randomly from that task's training set"). The draw depends only on (seed,
     query index), so a result is reproducible and does not change when other queries are skipped."""
     if k > len(train):
-        raise ValueError(f"--shots {k}: the task has only {len(train)} training examples")
+        raise UserError(f"--shots {k}: the task has only {len(train)} training examples")
     rng = random.Random(seed * 1_000_003 + query_index)
     return rng.sample(train, k)
 
@@ -183,7 +183,7 @@ def fit_prompt(encode: Callable[[str], list[int]], task: Task, demonstrations: l
     longest = max(len(encode(choice)) for choice in query.choices)
     budget = context_length - longest
     if budget < 1:
-        raise ValueError(f"{task.path} line {query.line}: a completion of {longest} tokens does not fit the "
+        raise UserError(f"{task.path} line {query.line}: a completion of {longest} tokens does not fit the "
                          f"model's context of {context_length}")
     for kept in range(len(demonstrations), -1, -1):
         text = build_prompt(task.description, [d.demonstration() for d in demonstrations[:kept]], query.context,

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+from ..common.errors import UserError
 from ..common.jsonl import strict_json_lines
 
 TASK_ROLES: dict[str, tuple[str, ...]] = {
@@ -161,7 +162,7 @@ def read_records(path: str, split: str) -> list[tuple[str, dict]]:
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{path}: no split {split!r} (splits: {', '.join(loaded)})")
+                raise UserError(f"{path}: no split {split!r} (splits: {', '.join(loaded)})")
             loaded = loaded[split]
         return [(f"{path} [{split}] row {i}", dict(row)) for i, row in enumerate(loaded)]
     lower = path.lower()
@@ -172,7 +173,7 @@ def read_records(path: str, split: str) -> list[tuple[str, dict]]:
             return [(f"{path} line {i}", row) for i, row in enumerate(reader, start=2)]
     if lower.endswith((".jsonl", ".jsonl.gz", ".json")):
         return [(f"{path} line {number}", obj) for number, obj in strict_json_lines(path)]
-    raise ValueError(f"{path}: unknown data format (expected .jsonl, .jsonl.gz, .csv, .tsv or a datasets folder)")
+    raise UserError(f"{path}: unknown data format (expected .jsonl, .jsonl.gz, .csv, .tsv or a datasets folder)")
 
 
 def _label(value, where: str, name: str, labels: list[str] | None, n_choices: int | None) -> int:
@@ -184,7 +185,7 @@ def _label(value, where: str, name: str, labels: list[str] | None, n_choices: in
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count:
         return value
     known = f"one of {labels} or an index 0..{count - 1}" if labels is not None else f"an index 0..{count - 1}"
-    raise ValueError(f"{where}: field {name!r} must be {known}, got {value!r}")
+    raise UserError(f"{where}: field {name!r} must be {known}, got {value!r}")
 
 
 def parse_example(record: dict, where: str, task: FinetuneTaskConfig) -> TaskExample:
@@ -192,13 +193,13 @@ def parse_example(record: dict, where: str, task: FinetuneTaskConfig) -> TaskExa
     def get(role: str):
         name = task.fields.get(role, role)
         if name not in record or record[name] is None:
-            raise ValueError(f"{where}: missing field {name!r} ({role} of a {task.type} task)")
+            raise UserError(f"{where}: missing field {name!r} ({role} of a {task.type} task)")
         return record[name]
 
     def text(role: str) -> str:
         value = get(role)
         if not isinstance(value, str):
-            raise ValueError(f"{where}: field {task.fields.get(role, role)!r} must be a string, got {value!r}")
+            raise UserError(f"{where}: field {task.fields.get(role, role)!r} must be a string, got {value!r}")
         return value
 
     roles = TASK_ROLES[task.type]
@@ -213,12 +214,12 @@ def parse_example(record: dict, where: str, task: FinetuneTaskConfig) -> TaskExa
         choices = []
         for column in columns:
             if column not in record or not isinstance(record[column], str):
-                raise ValueError(f"{where}: missing field {column!r} (an answer of task.fields.choices)")
+                raise UserError(f"{where}: missing field {column!r} (an answer of task.fields.choices)")
             choices.append(record[column])
     else:
         choices = get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise ValueError(f"{where}: field {spec!r} must be a list of at least two strings, got {choices!r}")
+            raise UserError(f"{where}: field {spec!r} must be a list of at least two strings, got {choices!r}")
     label = _label(get("label"), where, task.fields.get("label", "label"), None, len(choices))
     return TaskExample(texts=[context, *choices], label=label)
 
@@ -226,7 +227,7 @@ def parse_example(record: dict, where: str, task: FinetuneTaskConfig) -> TaskExa
 def load_examples(path: str, split: str, task: FinetuneTaskConfig) -> list[TaskExample]:
     examples = [parse_example(record, where, task) for where, record in read_records(path, split)]
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise UserError(f"{path}: no examples")
     return examples
 
 
@@ -274,7 +275,7 @@ def transform(task_type: str, texts: list[list[int]], special: SpecialTokens, ma
             sequences.append([s, *context, d, *answer, e])
             any_cut |= cut
         return sequences, any_cut
-    raise ValueError(f"task.type: unknown task type {task_type!r}")
+    raise UserError(f"task.type: unknown task type {task_type!r}")
 
 
 @dataclass(kw_only=True)

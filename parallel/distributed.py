@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..common.errors import UserError
+
 
 @dataclass(kw_only=True, frozen=True)
 class DistInfo:
@@ -30,7 +32,7 @@ def init_distributed(device_kind: str = "auto") -> DistInfo:
     """Start the default process group (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
     use_cuda = torch.cuda.is_available() if device_kind == "auto" else device_kind == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available")
+        raise UserError("train.device is 'cuda' but no CUDA device is available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -45,7 +47,7 @@ def init_distributed(device_kind: str = "auto") -> DistInfo:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         else:
             if world_size != 1:
-                raise ValueError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
+                raise UserError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 

@@ -18,8 +18,6 @@ def test_every_table_entry_names_its_pair():
     import importlib
 
     for key, command in cli.COMMANDS.items():
-        if key == "plan":  # parallel/plan_cli.py follows the same convention; it is tested by test_planner
-            continue
         module_name, _, name = command.target.partition(":")
         module = importlib.import_module(module_name)
         for attribute in ((f"add_{name}_arguments", f"run_{name}") if name else ("add_arguments", "run")):
@@ -96,3 +94,10 @@ def corpus_config(tmp_path) -> str:
 def test_corpus_flags_that_do_not_apply_are_errors(corpus_config, capsys, argv, message):
     assert cli.main(["corpus", "build", "--config", corpus_config, "--quiet", *argv]) == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_error_line(write_config, capsys):
+    assert cli.main(["train", "--config", write_config(), "train.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.device is 'cuda' but no CUDA device is available")

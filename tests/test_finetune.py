@@ -180,6 +180,18 @@ def test_config_errors_are_collected_with_their_keys(job, tmp_path):
         assert part in text
 
 
+def test_bad_data_file_is_one_error_line_with_its_location(job, tmp_path, capsys):
+    """A bad line in a fine-tuning file is bad input (``error: …``, exit 2), not a traceback."""
+    from gptforge.launcher import cli
+
+    _, config = job
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"sentence": "fine", "y": "has_file"}) + "\n" + json.dumps({"sentence": 3, "y": "has_file"}) + "\n")
+    assert cli.main(["finetune", "--config", config, f"data.train={bad}", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{bad} line 2" in err and "Traceback" not in err
+
+
 def test_shipped_example_config_is_valid(monkeypatch):
     import os
 
