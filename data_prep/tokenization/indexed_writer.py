@@ -36,7 +36,7 @@ _DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16):
 
 
 def optimal_dtype(vocab_size: int) -> type[np.number]:
-    """megatron-core's ``DType.optimal_dtype``: uint16 token ids below 65500 kinds of token, else int32."""
+    """megatron-core's ``DType.optimal_dtype``: uint16 for a vocabulary of fewer than 65500 tokens, else int32."""
     return np.uint16 if vocab_size < 65500 else np.int32
 
 

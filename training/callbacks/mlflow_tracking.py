@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ...common.atomic import atomic_write_json
-from ...common.tracking import Tracker, default_tracking_uri
+from ...common.tracking import Tracker, default_artifact_root, default_tracking_uri
 from ..metrics import memory_metrics
 from .base import Callback
 from .console import is_log_step
@@ -16,9 +16,9 @@ class MlflowTracking(Callback):
     def on_train_start(self, trainer) -> None:
         cfg, job = trainer.cfg, trainer.job
         uri = default_tracking_uri(cfg.run.dir, cfg.mlflow.tracking_uri)
-        artifact_root = os.path.join(cfg.run.dir, "mlartifacts") if uri.startswith("sqlite:") else None
         self.tracker = Tracker(tracking_uri=uri, experiment=cfg.mlflow.experiment, run_name=cfg.mlflow.run_name,
-                               run_id=trainer.state.mlflow_run_id, artifact_root=artifact_root)
+                               run_id=trainer.state.mlflow_run_id,
+                               artifact_root=default_artifact_root(uri, cfg.run.dir))
         trainer.state.mlflow_run_id = self.tracker.run_id  # saved in checkpoints from now on
         if trainer.resumed_from is None:
             self.tracker.log_params(job.flat_params() | {"derived.n_params": str(trainer.n_params["total"])})
