@@ -288,22 +288,73 @@ class GPT(nn.Module):
         return self.lm_head(x, self.tok_embeddings.weight)
 
 
-def param_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """A generator whose stream depends only on the run seed and the parameter's name."""
+INIT_BLOCK_ELEMENTS = 2**18
+"""Random initialisation is drawn in blocks of whole rows of about this many elements (1 MiB of fp32),
+each from its own (seed, name, block) generator, so any rank can produce any slice of a parameter
+while drawing only the rows it holds (parallel/ initialises each rank's shard this way)."""
+
+
+def param_generator(seed: int, name: str, device: torch.device, block: int = 0) -> torch.Generator:
+    """A generator whose stream depends only on the run seed, the parameter's name and the row block."""
     digest = zlib.crc32(name.encode("utf-8"))
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + digest) % (2**63))
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + digest + block * 7_919) % (2**63))
+
+
+def rows_per_block(shape: tuple[int, ...] | torch.Size) -> int:
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1  # a 1-D tensor is a column of one-element rows
+    return max(1, INIT_BLOCK_ELEMENTS // max(row, 1))
+
+
+@torch.no_grad()
+def init_slice_(out: torch.Tensor, rule: tuple[str, float], seed: int, name: str,
+                full_shape: tuple[int, ...] | torch.Size, offsets: tuple[int, ...] | None = None) -> None:
+    """Fill ``out`` with the values that the full tensor of ``full_shape`` has at ``out``'s region,
+    which starts at ``offsets`` (one per dimension; zeros: the whole tensor, or its leading corner).
+    Only the row blocks that intersect the region are drawn: memory beyond ``out`` is one block."""
+    kind, std = rule
+    if kind == "zeros":
+        out.zero_()
+        return
+    if kind == "ones":
+        out.fill_(1.0)
+        return
+    full_shape = tuple(full_shape)
+    offsets = tuple(offsets) if offsets is not None else (0,) * len(full_shape)
+    if out.numel() == 0:
+        return
+    per_block = rows_per_block(full_shape)
+    row_lo, row_hi = offsets[0], offsets[0] + out.shape[0]
+    rest = tuple(slice(o, o + n) for o, n in zip(offsets[1:], out.shape[1:]))
+    for block in range(row_lo // per_block, (row_hi - 1) // per_block + 1):
+        b_lo, b_hi = block * per_block, min((block + 1) * per_block, full_shape[0])
+        values = torch.empty((b_hi - b_lo,) + full_shape[1:], dtype=out.dtype, device=out.device)
+        values.normal_(mean=0.0, std=std, generator=param_generator(seed, name, out.device, block))
+        lo, hi = max(b_lo, row_lo), min(b_hi, row_hi)
+        out[lo - row_lo:hi - row_lo].copy_(values[(slice(lo - b_lo, hi - b_lo),) + rest])
+
+
+@torch.no_grad()
+def init_flat_range_(out: torch.Tensor, rule: tuple[str, float], seed: int, name: str,
+                     full_shape: tuple[int, ...] | torch.Size, start: int) -> None:
+    """Fill the 1-D ``out`` with elements [start, start + out.numel()) of the flattened full tensor
+    (a ZeRO partition of a flattened parameter), drawing only the rows it touches."""
+    kind, _ = rule
+    if kind != "normal" or out.numel() == 0:
+        init_slice_(out, rule, seed, name, (out.numel(),))
+        return
+    full_shape = tuple(full_shape)
+    row = math.prod(full_shape[1:]) if len(full_shape) > 1 else 1
+    first, last = start // row, (start + out.numel() - 1) // row
+    rows = torch.empty((last - first + 1,) + full_shape[1:], dtype=out.dtype, device=out.device)
+    init_slice_(rows, rule, seed, name, full_shape, (first,) + (0,) * (len(full_shape) - 1))
+    lo = start - first * row
+    out.copy_(rows.reshape(-1)[lo:lo + out.numel()])
 
 
 @torch.no_grad()
 def init_tensor_(tensor: torch.Tensor, rule: tuple[str, float], seed: int, name: str) -> None:
-    """Fill ``tensor`` (a full, unsharded tensor) by ``rule`` with the (seed, name) generator."""
-    kind, std = rule
-    if kind == "zeros":
-        tensor.zero_()
-    elif kind == "ones":
-        tensor.fill_(1.0)
-    else:
-        tensor.normal_(mean=0.0, std=std, generator=param_generator(seed, name, tensor.device))
+    """Fill ``tensor`` (a full, unsharded tensor) by ``rule`` with the (seed, name) generators."""
+    init_slice_(tensor, rule, seed, name, tensor.shape)
 
 
 def build_model(config: GPTConfig, device: torch.device | str = "cpu", seed: int = 0) -> GPT:

@@ -40,3 +40,8 @@ class ParallelConfig:
     """Activation checkpointing: ``full`` recomputes every block in backward, ``selective`` every
     ``recompute_every``-th block (block i with i % recompute_every == 0): memory for compute."""
     recompute_every: int = 2
+    defer_grad_reduce: bool = False
+    """FSDP: keep unsharded gradients across a step's micro-batches and reduce-scatter once after the
+    last (fewer collectives, but every rank holds the whole model's gradients in the parameter dtype
+    until the step ends; the planner counts it). Default: reduce-scatter after every micro-batch, so
+    gradients stay sharded (torchtitan's default)."""

@@ -35,6 +35,17 @@ def deepspeed_config(*, dims: ParallelDims, micro_batch: int, global_batch: int,
     }
 
 
+def build_model(config, ds_config: dict, device: torch.device, seed: int) -> torch.nn.Module:
+    """The GPT of ``config`` on ``device``, initialised from (seed, parameter name) like every layout."""
+    from ..model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     """Wrap ``model`` (initialised, on its device) and ``optimizer`` in a DeepSpeed engine."""
     import deepspeed

@@ -141,10 +141,14 @@ class Trainer:
     def _build_model(self) -> None:
         """On the meta device, then laid out, materialised and initialised (parallel/apply.py)."""
         job, info, dims = self.job, self.info, self.dims
-        with torch.device("meta"):
-            self.model = GPT(job.model)
-        self.module, self.pipeline = parallelize(self.model, dims, self.mesh, info.device, self.t.seed,
-                                                 self.t.precision)
+        if dims.deepspeed:  # ZeRO-3 partitions parameters as they are built (parallel/deepspeed_engine.py)
+            self.model = deepspeed_engine.build_model(job.model, self._deepspeed_config(), info.device, self.t.seed)
+            self.module, self.pipeline = self.model, None
+        else:
+            with torch.device("meta"):
+                self.model = GPT(job.model)
+            self.module, self.pipeline = parallelize(self.model, dims, self.mesh, info.device, self.t.seed,
+                                                     self.t.precision)
         # FSDP and DeepSpeed run 16-bit compute through their own mixed precision; everything else autocasts.
         self.autocast_precision = "fp32" if dims.fsdp or dims.deepspeed else self.t.precision
         self.n_params = count_parameters(job.model)
@@ -160,12 +164,16 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.job)
         self.engine = None
         if self.dims.deepspeed:
-            self.engine = deepspeed_engine.build_engine(self.model, self.optimizer, deepspeed_engine.deepspeed_config(
-                dims=self.dims, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
-                precision=t.precision, grad_clip=self.cfg.optim.grad_clip))
+            self.engine = deepspeed_engine.build_engine(self.model, self.optimizer, self._deepspeed_config())
             self.module = self.engine
         self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=t.precision == "fp16" and self.engine is None)
         self.state = TrainState(model=self.model, optimizer=self.optimizer, scaler=self.scaler, engine=self.engine)
+
+    def _deepspeed_config(self) -> dict:
+        t = self.t
+        return deepspeed_engine.deepspeed_config(dims=self.dims, micro_batch=t.micro_batch_size,
+                                                 global_batch=t.global_batch_size, precision=t.precision,
+                                                 grad_clip=self.cfg.optim.grad_clip)
 
     def _resume(self) -> str | None:
         """Restore the newest (``auto``) or the given checkpoint; returns its path (None: a fresh start)."""
