@@ -102,6 +102,10 @@ class ParallelDims(ParallelConfig):
                           f"{name('tp')} = 1 and {name('pp')} = 1 (use zero_engine=fsdp to combine sharding with tp/pp)")
         if self.optimizer_offload and not self.deepspeed:
             errors.append(f"{name('optimizer_offload')} needs {name('zero_engine')}=deepspeed")
+        if self.defer_grad_reduce and not self.fsdp:
+            errors.append(f"{name('defer_grad_reduce')} needs FSDP ({name('zero_engine')}=fsdp with "
+                          f"{name('zero_stage')} 2 or 3), got {name('zero_engine')}={self.zero_engine} with "
+                          f"{name('zero_stage')} {zero}")
         if self.pp_schedule == "interleaved-1f1b" and self.virtual_stages < 2:
             errors.append(f"{name('pp_schedule')} 'interleaved-1f1b' needs {name('virtual_stages')} >= 2")
         if self.pp_schedule != "interleaved-1f1b" and self.virtual_stages > 1:

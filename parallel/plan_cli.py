@@ -1,5 +1,6 @@
 """``gptforge plan``: parameter count and single-replica memory per preset, built on the meta device; memory
-per GPU under a parallel layout, and the layouts of N GPUs that fit (``parallel/planner.py``).
+per GPU under a parallel layout at its start-up, accumulation and save peaks, and the layouts of N GPUs whose
+peaks all fit (``parallel/planner.py``).
 
 ``add_arguments``/``run`` are the command (see launcher/cli.py); ``run`` turns the flags into a
 ``ParallelDims`` layout and typed values, and every bad flag into a ``UserError`` naming it."""
@@ -16,14 +17,15 @@ from ..model.config import GPTConfig
 from ..model.flops import count_parameters, flops_per_token, replica_memory_bytes
 from ..model.presets import PRESETS, get_preset, gpt3_presets
 from .config import ParallelConfig
-from .dims import RECOMPUTE_MODES, ZERO_STAGES, ParallelDims, value_errors
-from .planner import (GIB, MEMORY_KEYS, SAFETY_MARGIN, Workload, fits, layout_dict, param_counts, plan_memory,
-                      shape_errors, trainer_gaps, trainer_settings, work_errors)
+from .dims import FSDP_STAGES, RECOMPUTE_MODES, ZERO_STAGES, ParallelDims, value_errors
+from .planner import (GIB, KEY_LABELS, MEMORY_KEYS, PHASE_LABELS, PHASES, SAFETY_MARGIN, Workload, fit_errors, fits,
+                      layout_dict, param_counts, plan_memory, shape_errors, trainer_gaps, trainer_settings,
+                      work_errors)
 from .propose import propose_layouts
 
 FLAG_NAMES = {"tp": "--tp", "pp": "--pp", "dp": "--dp", "zero_stage": "--zero", "micro_batch": "--micro-batch",
               "seq_len": "--seq", "recompute": "--recompute", "recompute_every": "--recompute-every",
-              "precision": "--precision"}
+              "precision": "--precision", "defer_grad_reduce": "--defer-grad-reduce"}
 """Layout and work field -> the ``gptforge plan`` flag that sets it, so errors name what the user typed."""
 DEFAULT_GPU_MEMORY_GIB = 80.0  # an 80 GB A100/H100
 SINGLE_GPU = ParallelConfig(dp=1, sequence_parallel=True)
@@ -52,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory per GPU in GiB for 'fits' (default 80)")
     p.add_argument("--optimizer-offload", action="store_true", help="optimizer state and master weights on the host")
     p.add_argument("--no-sequence-parallel", action="store_true", help="tp without sequence parallelism")
+    p.add_argument("--defer-grad-reduce", action="store_true",
+                   help="FSDP (--zero 2/3): keep unsharded gradients until the step's last micro-batch "
+                        "(parallel.defer_grad_reduce); with --propose, for every FSDP layout")
     p.add_argument("--propose", action="store_true", help="list the layouts of --gpus GPUs that fit, best first")
     p.add_argument("--gpus", type=int, default=None, help="with --propose: number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=8, help="with --propose: the largest tp (default 8)")
@@ -67,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     gpu_memory = args.gpu_memory if args.gpu_memory is not None else DEFAULT_GPU_MEMORY_GIB
     common = dict(micro_batch=args.micro_batch, seq_len=args.seq, precision=args.precision, gpu_memory_gib=gpu_memory)
     if args.propose:
+        if args.defer_grad_reduce and args.zero is not None and args.zero not in FSDP_STAGES:
+            raise UserError(f"--defer-grad-reduce needs --zero 2 or 3 (FSDP), got --zero {args.zero}")
         # The search chooses tp, pp and dp; --zero and --recompute narrow it to the given value.
         for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp)):
             if value is not None:
@@ -75,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                             zero_stages=None if args.zero is None else [args.zero],
                             recompute=None if args.recompute is None else [args.recompute],
                             recompute_every=args.recompute_every, optimizer_offload=args.optimizer_offload,
-                            sequence_parallel=not args.no_sequence_parallel, global_batch=args.global_batch,
+                            sequence_parallel=not args.no_sequence_parallel,
+                            defer_grad_reduce=args.defer_grad_reduce, global_batch=args.global_batch,
                             top=args.top, runnable_only=args.runnable, **common)
         print(json.dumps(rows, indent=2) if args.json else render_proposals(rows))
         return 0
@@ -86,9 +94,11 @@ def run(args: argparse.Namespace) -> int:
                               dp=1 if args.dp is None else args.dp, zero_stage=args.zero or 0,
                               recompute=args.recompute or "none", recompute_every=args.recompute_every,
                               optimizer_offload=args.optimizer_offload,
-                              sequence_parallel=not args.no_sequence_parallel)
+                              sequence_parallel=not args.no_sequence_parallel,
+                              defer_grad_reduce=args.defer_grad_reduce)
     rows = plan_rows(args.preset, parallel=parallel, global_batch=args.global_batch, **common)
-    print(json.dumps(rows, indent=2) if args.json else render_table(rows) + "\n\n" + render_layout_table(rows))
+    print(json.dumps(rows, indent=2) if args.json
+          else render_table(rows) + "\n\n" + render_layout_table(rows) + "\n\n" + render_peaks(rows))
     return 0
 
 
@@ -112,6 +122,8 @@ def flag_plan(parallel: ParallelConfig, *, gpu_memory_gib: float, seq_len: int, 
     """The layout (``parallel``, from the flags) and work ``gptforge plan`` describes, every bad value named
     by its flag in one ``UserError``."""
     errors = value_errors(parallel, FLAG_NAMES)
+    if parallel.defer_grad_reduce and parallel.zero_stage not in FSDP_STAGES:
+        errors.append(f"--defer-grad-reduce needs --zero 2 or 3 (FSDP), got --zero {parallel.zero_stage}")
     errors += work_errors(micro_batch=micro_batch, seq_len=seq_len, precision=precision, names=FLAG_NAMES)
     if not gpu_memory_gib > 0:
         errors.append(f"--gpu-memory must be > 0 (GiB), got {gpu_memory_gib}")
@@ -187,11 +199,14 @@ def layout_fields(name: str, config: GPTConfig, dims: ParallelDims, work: Worklo
     if errors:
         raise UserError(f"{name}: " + "; ".join(errors))
     memory = plan_memory(config, dims, work)
-    per_rank = {key: memory[key] for key in (*MEMORY_KEYS, "total", "host_bytes")}
+    per_rank = {key: memory[key] for key in (*MEMORY_KEYS, "total", "host_bytes", "save_host_bytes")}
     return {
         "layout": layout_dict(dims, work),
         "per_rank_bytes": per_rank,
         "per_rank_gib": {key: value / GIB for key, value in per_rank.items()},
+        "peak_phase": memory["peak_phase"],
+        "peaks_bytes": memory["peaks"],
+        "peaks_gib": {phase: peak["total"] / GIB for phase, peak in memory["peaks"].items()},
         "params_per_rank": memory["params_per_rank"],
         "model_parallel_params": memory["model_parallel_params"],
         "largest_stage": memory["stage"],
@@ -200,6 +215,7 @@ def layout_fields(name: str, config: GPTConfig, dims: ParallelDims, work: Worklo
         "gpu_memory_gib": gpu_memory_gib,
         "safety_margin": SAFETY_MARGIN,
         "fits": fits(memory["total"], gpu_memory_gib),
+        "fit_errors": fit_errors(memory, gpu_memory_gib),
         "trainer_settings": trainer_settings(dims, work),
         "trainer_gaps": trainer_gaps(dims, work, global_batch),
     }
@@ -219,8 +235,9 @@ def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, mi
                  seq_len: int | None, precision: str, gpu_memory_gib: float, zero_stages: list[int] | None,
                  recompute: list[str] | None, recompute_every: int, optimizer_offload: bool,
                  sequence_parallel: bool, global_batch: int | None, top: int,
-                 runnable_only: bool = False) -> list[dict]:
-    """``--propose``: per preset, the layouts of ``n_gpus`` GPUs that fit, cheapest first (at most ``top``).
+                 runnable_only: bool = False, defer_grad_reduce: bool = False) -> list[dict]:
+    """``--propose``: per preset, the layouts of ``n_gpus`` GPUs whose peaks all fit, cheapest first (at most
+    ``top``).
 
     Layouts with dp x micro batch above the global batch are dropped: there would be ranks without a
     sequence to work on. ``runnable_only`` keeps the layouts ``gptforge train`` runs today."""
@@ -249,7 +266,7 @@ def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, mi
             seq_len=seq, micro_batch=micro_batch, precision=precision,
             zero_stages=zero_stages or ZERO_STAGES, recompute=recompute or RECOMPUTE_MODES,
             recompute_every=recompute_every, optimizer_offload=optimizer_offload,
-            sequence_parallel=sequence_parallel)
+            sequence_parallel=sequence_parallel, defer_grad_reduce=defer_grad_reduce)
         if batch is not None:
             proposals = [p for p in proposals if p.layout.dp * micro_batch <= batch]
         if runnable_only:
@@ -277,34 +294,64 @@ def trainer_engine(settings: dict) -> str:
     return "pipeline" if settings["pp"] > 1 else "yes"
 
 
-def _layout_cells(fields: dict) -> str:
-    lay, mem = fields["layout"], fields["per_rank_bytes"]
+def _mode(lay: dict) -> str:
     mode = f"sel/{lay['recompute_every']}" if lay["recompute"] == "selective" else lay["recompute"]
     mode += "+offload" if lay["optimizer_offload"] else ""
+    return mode + ("+defer" if lay["defer_grad_reduce"] else "")
+
+
+def _layout_cells(fields: dict) -> str:
+    lay, peaks, mem = fields["layout"], fields["peaks_bytes"], fields["per_rank_bytes"]
     trainer = "no" if fields["trainer_gaps"] else trainer_engine(fields["trainer_settings"])
-    return (f"{lay['tp']:>4}{lay['pp']:>4}{lay['dp']:>6}{lay['zero_stage']:>6}{mode:>14}"
-            f"{_gib(mem['weights']):>9}{_gib(mem['gradients']):>7}"
-            f"{_gib(mem['master_weights'] + mem['optimizer_state']):>8}{_gib(mem['activations']):>7}"
-            f"{_gib(mem['gather_buffers']):>8}{_gib(mem['total']):>8}"
-            f"{'yes' if fields['fits'] else 'NO':>6}{trainer:>11}")
+    host = mem["host_bytes"] + mem["save_host_bytes"]
+    return (f"{lay['tp']:>4}{lay['pp']:>4}{lay['dp']:>6}{lay['zero_stage']:>6}{_mode(lay):>14}"
+            + "".join(f"{_gib(peaks[phase]['total']):>10}" for phase in PHASES)
+            + f"{_gib(host):>7}{'yes' if fields['fits'] else 'NO':>6}{trainer:>11}")
 
 
-LAYOUT_HEAD = (f"{'tp':>4}{'pp':>4}{'dp':>6}{'zero':>6}{'recompute':>14}{'weights':>9}{'grads':>7}{'optim':>8}"
-               f"{'act':>7}{'gather':>8}{'total':>8}{'fits':>6}{'trainer':>11}")
+LAYOUT_HEAD = (f"{'tp':>4}{'pp':>4}{'dp':>6}{'zero':>6}{'recompute':>14}{'start-up':>10}{'accum':>10}{'save':>10}"
+               f"{'host':>7}{'fits':>6}{'trainer':>11}")
+LAYOUT_NOTE = ("GiB per GPU at each peak, largest pipeline stage; host = offloaded optimizer + the asynchronous "
+               "save's staging, host memory; fits = every peak <= {limit:.0%} of {memory:g} GiB; trainer = how "
+               "gptforge train runs it today, or no")
 
 
 def render_layout_table(rows: list[dict]) -> str:
-    """Per-GPU memory of each preset under the requested layout (GiB)."""
+    """Per-GPU peaks of each preset under the requested layout (GiB)."""
     if not rows:
         return ""
     first = rows[0]
     head = f"{'preset':<14}" + LAYOUT_HEAD
     lines = [head, "-" * len(head)]
     lines += [f"{r['preset']:<14}" + _layout_cells(r) for r in rows]
-    lines.append(f"(GiB per GPU, largest pipeline stage, {first['precision']}, micro batch {first['micro_batch']}; "
-                 f"optim = fp32 master + Adam; gather = ZeRO-3 prefetch; fits = total <= {1 - SAFETY_MARGIN:.0%} of "
-                 f"{first['gpu_memory_gib']:g} GiB; trainer = how gptforge train runs it today, or no)")
+    lines.append(f"({first['precision']}, micro batch {first['micro_batch']}; "
+                 + LAYOUT_NOTE.format(limit=1 - SAFETY_MARGIN, memory=first["gpu_memory_gib"]) + ")")
     return "\n".join(lines)
+
+
+def peak_lines(fields: dict) -> list[str]:
+    """Each peak's named breakdown (GiB), then why the layout does not fit, if it does not."""
+    lines = []
+    for phase in PHASES:
+        peak = fields["peaks_bytes"][phase]
+        parts = " + ".join(f"{KEY_LABELS[key]} {_gib(peak[key])}" for key in MEMORY_KEYS if peak[key] >= GIB / 20)
+        where = f"stage {peak['stage']}" + (f", at the {peak['at']}" if phase == "accumulation" else "")
+        line = f"  {PHASE_LABELS[phase]:<13}{_gib(peak['total']):>7} GiB = {parts or '~0'} ({where})"
+        if phase == "save":
+            line += f"; host staging {_gib(peak['host_staging'])} GiB"
+        lines.append(line)
+    return lines + [f"  does not fit: {error}" for error in fields["fit_errors"]]
+
+
+def render_peaks(rows: list[dict]) -> str:
+    """``gptforge plan`` with one layout: every preset's three peaks, broken down."""
+    blocks = []
+    for r in rows:
+        lay = r["layout"]
+        blocks.append(f"{r['preset']} on tp{lay['tp']} x pp{lay['pp']} x dp{lay['dp']}, zero {lay['zero_stage']} "
+                      f"({lay['engine']}{', deferred gradient reduction' if lay['defer_grad_reduce'] else ''}), "
+                      f"per GPU (parts under 0.05 GiB not shown):\n" + "\n".join(peak_lines(r)))
+    return "\n\n".join(blocks)
 
 
 def render_proposals(rows: list[dict]) -> str:
@@ -319,4 +366,6 @@ def render_proposals(rows: list[dict]) -> str:
         if r["layouts"]:
             lines += [LAYOUT_HEAD] + [_layout_cells(fields) for fields in r["layouts"]]
         blocks.append("\n".join(lines))
+    if rows:
+        blocks.append("(" + LAYOUT_NOTE.format(limit=1 - SAFETY_MARGIN, memory=rows[0]["gpu_memory_gib"]) + ")")
     return "\n\n".join(blocks)

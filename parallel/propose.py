@@ -1,20 +1,21 @@
 """The layouts of N GPUs that fit a model, cheapest first (``propose_layouts``), by the memory rules of
-planner.py."""
+planner.py: a layout fits when its largest peak (start-up, accumulation or save) does."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..model.config import GPTConfig
-from .dims import RECOMPUTE_MODES, ZERO_STAGES, ParallelDims
-from .planner import SAFETY_MARGIN, Workload, fits, plan_memory, shape_errors
+from .dims import FSDP_STAGES, RECOMPUTE_MODES, ZERO_STAGES, ParallelDims
+from .planner import SAFETY_MARGIN, Workload, fits, plan_memory, planned_engine, shape_errors
 
 
 @dataclass(kw_only=True, frozen=True)
 class Proposal:
-    """A layout that fits, its memory plan and the key it was ranked by."""
+    """A layout that fits, its memory plan (``plan_memory``) and the key it was ranked by."""
 
     layout: ParallelDims
     memory: dict
@@ -32,7 +33,7 @@ def layout_cost(layout: ParallelDims, total_bytes: int) -> tuple:
        plain all-reduce);
     5. at equal tp x pp, larger tp (Narayanan et al. 2021: tensor parallelism up to the GPUs of a node, then
        pipeline parallelism across nodes);
-    6. smaller total (more headroom).
+    6. smaller peak (more headroom).
     Batch size, network speed and pipeline bubble size are not modelled: the order is a starting point."""
     return (RECOMPUTE_MODES.index(layout.recompute), layout.optimizer_offload, layout.tp * layout.pp,
             layout.zero_stage, -layout.tp, total_bytes)
@@ -42,12 +43,14 @@ def propose_layouts(config: GPTConfig, *, n_gpus: int, gpus_per_node: int, gpu_m
                     micro_batch: int = 1, precision: str = "bf16", zero_stages: Sequence[int] = ZERO_STAGES,
                     recompute: Sequence[str] = RECOMPUTE_MODES, recompute_every: int = 2,
                     optimizer_offload: bool = False, sequence_parallel: bool = True,
-                    margin: float = SAFETY_MARGIN) -> list[Proposal]:
-    """Every layout of exactly ``n_gpus`` GPUs that fits, cheapest first (``layout_cost``).
+                    defer_grad_reduce: bool = False, margin: float = SAFETY_MARGIN) -> list[Proposal]:
+    """Every layout of exactly ``n_gpus`` GPUs whose start-up, accumulation and save peaks all fit, cheapest
+    first (``layout_cost``).
 
     tp: powers of two up to ``gpus_per_node`` (and ``n_gpus``) that divide n_head, the FFN size and the
     padded vocabulary; pp: divisors of n_layer; dp = n_gpus / (tp pp), which must be whole. A ZeRO stage
-    above 0 is only tried when dp > 1 (with one replica it shards nothing)."""
+    above 0 is only tried when dp > 1 (with one replica it shards nothing). ``defer_grad_reduce`` applies to
+    the layouts that FSDP runs (ZeRO 2/3), the only ones that have the choice."""
     if n_gpus < 1:
         raise ValueError(f"number of GPUs must be >= 1, got {n_gpus}")
     if gpus_per_node < 1:
@@ -66,6 +69,8 @@ def propose_layouts(config: GPTConfig, *, n_gpus: int, gpus_per_node: int, gpu_m
                               optimizer_offload=optimizer_offload, sequence_parallel=sequence_parallel)
         if shape_errors(config, layout, work):
             continue
+        if defer_grad_reduce and zero in FSDP_STAGES and planned_engine(layout, work) == "fsdp":
+            layout = dataclasses.replace(layout, defer_grad_reduce=True)
         memory = plan_memory(config, layout, work)
         if fits(memory["total"], gpu_memory_gib, margin):
             proposals.append(Proposal(layout=layout, memory=memory, cost=layout_cost(layout, memory["total"])))

@@ -38,6 +38,18 @@ def test_semantic_errors_are_collected_together(write_config):
     assert "checkpoint.keep_last must be >= 1" in joined
 
 
+def test_defer_grad_reduce_needs_fsdp(write_config):
+    errors = config_errors(write_config(parallel={"defer_grad_reduce": True}))
+    assert any(e.startswith("parallel.defer_grad_reduce needs FSDP (parallel.zero_engine=fsdp with "
+                            "parallel.zero_stage 2 or 3), got parallel.zero_engine=fsdp with parallel.zero_stage 0")
+               for e in errors), errors
+    errors = config_errors(write_config(parallel={"defer_grad_reduce": True, "zero_stage": 3,
+                                                  "zero_engine": "deepspeed"}))
+    assert any("parallel.defer_grad_reduce needs FSDP" in e and "zero_engine=deepspeed" in e for e in errors)
+    job = resolve_job(write_config(parallel={"defer_grad_reduce": True, "zero_stage": 3}), [], world_size=1)
+    assert job.dims.defer_grad_reduce and job.dims.fsdp
+
+
 def test_missing_sections_and_unknown_preset(write_config):
     errors = config_errors(write_config(train=None, model={"preset": "gpt5"}))
     joined = "\n".join(errors)

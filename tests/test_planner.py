@@ -1,5 +1,6 @@
 """The memory planner (parallel/planner.py): its weights per rank against the trainer's real sharding on a fake
-process group, its rules one by one, and ``gptforge plan`` with layout flags."""
+process group, its rules one by one, its three peaks on hand-computed cases, and ``gptforge plan`` with layout
+flags. (The peaks against real runs: tests/test_planner_measured.py and bench/memory.py.)"""
 
 import json
 import subprocess
@@ -14,11 +15,17 @@ from gptforge.parallel.dims import ParallelDims
 from gptforge.parallel.planner import (
     GIB,
     MEMORY_KEYS,
+    PHASES,
     Workload,
+    deepspeed_zero_settings,
+    fit_errors,
     fits,
+    gathered_bytes,
     param_counts,
     plan_memory,
     shape_errors,
+    stage_activation_bytes,
+    stage_shape,
     trainer_gaps,
     trainer_settings,
 )
@@ -67,10 +74,14 @@ def measured() -> list[dict[str, int]]:
 def test_weights_per_rank_match_fake_process_group(measured, index):
     name, tp, pp, dp, zero, precision = FAKE_PG_CASES[index]
     config = get_preset(name).config()
-    plan = plan_memory(config, *layout_of(tp, pp, dp, zero, precision, seq_len=min(SEQ, config.context_length)))
+    dims, work = layout_of(tp, pp, dp, zero, precision, seq_len=min(SEQ, config.context_length))
+    plan = plan_memory(config, dims, work)
     planned = {}
     for stage in plan["stages"]:
-        planned.setdefault(stage["role"], stage["weights"])  # middle stages all hold the same weights
+        # middle stages all hold the same weights; the fake group applies FSDP2 for ZeRO-3 only, so for ZeRO-2
+        # it measures the unsharded stage, which is the copy FSDP2 gathers from forward until backward
+        shape = stage_shape(config, dims, work, stage["index"])
+        planned.setdefault(stage["role"], gathered_bytes(shape, None) if zero == 2 else stage["weights"])
     got = measured[index]
     assert set(got) == set(planned)
     for role, nbytes in got.items():
@@ -103,7 +114,8 @@ def test_tensor_parallel_divides_matrices_not_layernorms_or_row_biases():
 def test_pipeline_stages_hold_their_blocks_and_embeddings():
     config = get_preset("gpt3-13b").config()
     one = param_counts(config, 4)
-    plan = plan_memory(config, *layout_of(4, 4, 8, 1))
+    dims, work = layout_of(4, 4, 8, 1)
+    plan = plan_memory(config, dims, work)
     roles = [s["role"] for s in plan["stages"]]
     assert roles == ["first", "middle", "middle", "last"]
     first, middle, last = plan["stages"][0], plan["stages"][1], plan["stages"][3]
@@ -113,53 +125,155 @@ def test_pipeline_stages_hold_their_blocks_and_embeddings():
     assert plan["stage_role"] == "first" and plan["total"] == max(s["total"] for s in plan["stages"])
     assert plan["weights"] == first["params"] * 2
     # 1F1B (Korthikanti 4.2.1): the first stage holds n_layer blocks' worth of one micro-batch whatever pp is,
-    # the last stage one micro-batch of its own blocks plus the logits.
+    # the last stage one micro-batch of its own blocks plus the fp32 logits and their gradient.
     block = 34 * SEQ * 5120 // 4
-    logits = SEQ * config.padded_vocab_size // 4 * 4
-    assert first["activations"] == 40 * block
-    assert last["activations"] == 10 * block + logits
-    assert plan_memory(config, *layout_of(4, 1, 32, 1))["activations"] == 40 * block + logits
+    logits = 2 * SEQ * config.padded_vocab_size // 4 * 4
+    assert first["peaks"]["accumulation"]["at"] == "backward"
+    assert first["peaks"]["accumulation"]["activations"] == 40 * block
+    assert last["peaks"]["accumulation"]["activations"] == 10 * block + logits
+    assert stage_activation_bytes(config, *layout_of(4, 1, 32, 1), 0) == 40 * block + logits
+    # each peak is reported for its own largest stage
+    for phase in PHASES:
+        assert plan["peaks"][phase]["total"] == max(s["peaks"][phase]["total"] for s in plan["stages"])
 
 
 def test_zero_stages_shard_what_they_should():
     config = get_preset("gpt3-1.3b").config()
     plans = [plan_memory(config, *layout_of(2, 1, 8, zero)) for zero in range(4)]
+    save = [p["peaks"]["save"] for p in plans]
+    acc = [p["peaks"]["accumulation"] for p in plans]
     n = plans[0]["model_parallel_params"]
-    assert (plans[0]["weights"], plans[0]["gradients"], plans[0]["master_weights"], plans[0]["optimizer_state"]) \
+    assert [p["engine"] for p in plans] == ["replicas", "deepspeed", "fsdp", "fsdp"]
+    assert (save[0]["weights"], acc[0]["gradients"], save[0]["master_weights"], save[0]["optimizer_state"]) \
         == (2 * n, 2 * n, 4 * n, 8 * n)
-    assert plans[1]["master_weights"] == 4 * n // 8 and plans[1]["optimizer_state"] == 8 * n // 8
-    assert plans[1]["gradients"] == 2 * n and plans[2]["gradients"] == 2 * n // 8
-    assert plans[2]["weights"] == 2 * n and plans[3]["weights"] == 2 * n // 8
-    assert plans[3]["params_per_rank"] == n // 8 and plans[2]["params_per_rank"] == n
-    assert [p["gather_buffers"] > 0 for p in plans] == [False, False, False, True]
-    assert len({p["activations"] for p in plans}) == 1
-    totals = [p["total"] for p in plans]
-    assert totals == sorted(totals, reverse=True) and totals[0] > 3 * totals[3]
+    assert save[1]["master_weights"] == 4 * n // 8 and save[1]["optimizer_state"] == 8 * n // 8
+    assert acc[1]["gradients"] == 2 * n and acc[2]["gradients"] == 2 * n // 8
+    assert save[1]["weights"] == 2 * n
+    # FSDP2 stores ZeRO-2's parameters sharded too; what stays whole is the copy gathered for compute
+    assert save[2]["weights"] == save[3]["weights"] == 2 * n // 8
+    assert plans[3]["params_per_rank"] == plans[2]["params_per_rank"] == n // 8
+    assert plans[1]["params_per_rank"] == n
+    assert acc[2]["gather_buffers"] == 2 * n > acc[3]["gather_buffers"] > 0 == acc[0]["gather_buffers"]
+    # where the backward is the larger peak, its activations are the same whatever ZeRO shards
+    assert acc[2]["at"] == acc[3]["at"] == "backward"
+    assert len({a["activations"] for a in acc if a["at"] == "backward"}) == 1
+    # gradients are freed by the optimizer step, before a checkpoint is saved
+    assert [s["gradients"] for s in save] == [0, 0, 0, 0]
+    accumulation = [a["total"] for a in acc]
+    assert accumulation[0] > accumulation[2] > accumulation[3] and accumulation[0] > 3 * accumulation[3]
     offload = plan_memory(config, *layout_of(2, 1, 8, 1, optimizer_offload=True))
-    assert offload["master_weights"] == offload["optimizer_state"] == 0
-    assert offload["host_bytes"] == plans[1]["master_weights"] + plans[1]["optimizer_state"]
-    assert offload["total"] == plans[1]["total"] - offload["host_bytes"]
+    off = offload["peaks"]["accumulation"]
+    assert off["master_weights"] == off["optimizer_state"] == off["optimizer_temporaries"] == 0
+    assert offload["host_bytes"] == save[1]["master_weights"] + save[1]["optimizer_state"]
 
 
 def test_recompute_sequence_parallel_and_precision_change_activations():
     config = get_preset("gpt3-125m").config()  # 12 blocks, d 768
     sbh = SEQ * 768
-    logits = SEQ * config.padded_vocab_size * 4
-    act = {mode: plan_memory(config, *layout_of(1, 1, 1, 0, recompute=mode))["activations"] - logits
-           for mode in ("none", "selective", "full")}
-    assert act["none"] == 12 * 34 * sbh
-    assert act["full"] == 12 * 2 * sbh + 34 * sbh  # block inputs + the block being recomputed
-    assert act["selective"] == 6 * 2 * sbh + 6 * 34 * sbh + 34 * sbh  # blocks 0, 2, 4, ... checkpointed
-    every3 = plan_memory(config, *layout_of(1, 1, 1, 0, recompute="selective", recompute_every=3))
-    assert every3["activations"] - logits == 4 * 2 * sbh + 8 * 34 * sbh + 34 * sbh
-    tp4 = lambda **kw: plan_memory(config, *layout_of(4, 1, 1, 0, **kw))["activations"] - logits // 4  # noqa: E731
-    assert tp4() == 12 * 34 * sbh // 4
-    assert tp4(sequence_parallel=False) == 12 * sbh * (10 + 24 // 4)
-    assert tp4(recompute="full") == 12 * 2 * sbh // 4 + 34 * sbh // 4
-    fp32 = plan_memory(config, *layout_of(1, 1, 1, 0, "fp32"))
-    bf16 = plan_memory(config, *layout_of(1, 1, 1, 0))
-    assert fp32["activations"] - logits == 2 * act["none"]
+    logits = 2 * SEQ * config.padded_vocab_size * 4
+
+    def act(tp=1, precision="bf16", **kw) -> int:
+        return stage_activation_bytes(config, *layout_of(tp, 1, 1, 0, precision, **kw), 0) - logits // tp
+
+    none, full, selective = act(), act(recompute="full"), act(recompute="selective")
+    assert none == 12 * 34 * sbh
+    assert full == 12 * 2 * sbh + 34 * sbh  # block inputs + the block being recomputed
+    assert selective == 6 * 2 * sbh + 6 * 34 * sbh + 34 * sbh  # blocks 0, 2, 4, ... checkpointed
+    assert act(recompute="selective", recompute_every=3) == 4 * 2 * sbh + 8 * 34 * sbh + 34 * sbh
+    assert act(4) == 12 * 34 * sbh // 4
+    assert act(4, sequence_parallel=False) == 12 * sbh * (10 + 24 // 4)
+    assert act(4, recompute="full") == 12 * 2 * sbh // 4 + 34 * sbh // 4
+    assert act(precision="fp32") == 2 * none
+    fp32 = plan_memory(config, *layout_of(1, 1, 1, 0, "fp32"))["peaks"]["save"]
+    bf16 = plan_memory(config, *layout_of(1, 1, 1, 0))["peaks"]["save"]
     assert fp32["weights"] == 2 * bf16["weights"] and fp32["master_weights"] == 0
+
+
+# The bench's shape (bench/memory.py): GPT-3 125M with a 2,048-token vocabulary, fp32, seq 64, micro batch 1.
+# d 768, FFN 3072, 12 blocks, context 2048. One block: 2 LayerNorms 2 x 1536, q/k/v/out 4 x (768^2 + 768),
+# MLP (768 x 3072 + 3072) + (3072 x 768 + 768): 7,087,872. Token and position embeddings 1,572,864 each,
+# final norm 1,536: 88,201,728 parameters; the root unit (all but the blocks) 3,147,264.
+BENCH_PARAMS, BENCH_BLOCK, BENCH_ROOT = 88_201_728, 7_087_872, 3_147_264
+
+
+def bench_plan(**layout) -> dict:
+    config = get_preset("gpt3-125m").config(vocab_size=2048)
+    return plan_memory(config, ParallelDims(**layout), Workload(seq_len=64, micro_batch=1, precision="fp32"))
+
+
+def test_peaks_of_fsdp_zero3_dp8_by_hand():
+    plan = bench_plan(dp=8, zero_stage=3)
+    assert plan["n_params"] == BENCH_PARAMS and plan["engine"] == "fsdp"
+    shard = BENCH_PARAMS // 8  # 11,025,216 parameters per rank
+    startup, acc, save = (plan["peaks"][phase] for phase in PHASES)
+    # start-up: the fp32 shard and one 2^18-element fp32 init block; Adam's moments come at the first step
+    assert (startup["weights"], startup["init_buffers"], startup["optimizer_state"]) == (4 * shard, 2**20, 0)
+    assert startup["total"] == 44_100_864 + 1_048_576
+    # accumulation: shards of weights, gradients and Adam; root + two blocks gathered; the root's unsharded
+    # gradient + one block's and its fp32 reduce-scatter input; activations 12 x 34 s h x 2 (fp32) + logits
+    assert (acc["weights"], acc["gradients"], acc["optimizer_state"]) == (44_100_864, 44_100_864, 88_201_728)
+    assert acc["gather_buffers"] == 4 * (BENCH_ROOT + 2 * BENCH_BLOCK) == 69_292_032
+    assert acc["unsharded_gradients"] == 4 * BENCH_ROOT + 8 * BENCH_BLOCK == 69_292_032
+    assert acc["activations"] == 12 * 34 * 64 * 768 * 2 + 2 * 64 * 2048 * 4 == 41_156_608
+    assert acc["at"] == "backward" and acc["total"] == 356_144_128 and plan["total"] == 356_144_128
+    assert plan["peak_phase"] == "accumulation"
+    # save: no gradients; the asynchronous save stages fp32 weights and both moments of the shard in host memory
+    assert (save["total"], save["host_staging"]) == (132_302_592, 12 * shard)
+    assert sum(save[key] for key in MEMORY_KEYS) == save["total"]
+
+
+def test_defer_grad_reduce_holds_the_whole_unsharded_gradient():
+    default, defer = bench_plan(dp=8, zero_stage=3), bench_plan(dp=8, zero_stage=3, defer_grad_reduce=True)
+    acc = defer["peaks"]["accumulation"]
+    # every unit's fp32 gradient until the last micro-batch, then one unit's reduce-scatter input
+    assert acc["unsharded_gradients"] == 4 * BENCH_PARAMS + 4 * BENCH_BLOCK == 381_158_400
+    assert acc["total"] - default["peaks"]["accumulation"]["total"] == 381_158_400 - 69_292_032
+    for phase in ("startup", "save"):
+        assert defer["peaks"][phase] == default["peaks"][phase]
+    # only FSDP has the choice: DeepSpeed plans ignore it, and the trainer refuses it
+    ds = ParallelDims(dp=8, zero_stage=3, zero_engine="deepspeed", defer_grad_reduce=True)
+    assert plan_memory(get_preset("gpt3-125m").config(vocab_size=2048), ds, Workload(seq_len=64))["engine"] \
+        == "deepspeed"
+    assert any("parallel.defer_grad_reduce needs FSDP" in gap
+               for gap in trainer_gaps(ds, Workload(seq_len=64, precision="fp32")))
+
+
+def test_peaks_of_ddp_replicas_by_hand():
+    # tiny: d 64, FFN 256, 2 blocks of 49,984, embeddings 512 x 64 and 128 x 64, final norm 128: 141,056
+    n = 141_056
+    plan = plan_memory(get_preset("tiny").config(), ParallelDims(dp=2),
+                       Workload(seq_len=32, micro_batch=2, precision="fp32"))
+    startup, acc, save = (plan["peaks"][phase] for phase in PHASES)
+    assert plan["n_params"] == n and plan["engine"] == "replicas"
+    # the whole fp32 replica, DDP's fp32 gradient buckets and one broadcast bucket (the replica: < 250 MiB)
+    assert (startup["weights"], startup["comm_buffers"], startup["init_buffers"]) == (4 * n, 8 * n, 2**20)
+    activations = 2 * 34 * 32 * 2 * 64 * 2 + 2 * 2 * 32 * 512 * 4  # 2 blocks fp32 + logits and gradient
+    assert acc["at"] == "backward" and acc["total"] == 20 * n + activations == 3_640_320
+    assert (save["total"], save["host_staging"]) == (16 * n, 12 * n)
+
+
+def test_deepspeed_zero3_reads_the_trainers_deepspeed_config():
+    plan = bench_plan(dp=8, zero_stage=3, zero_engine="deepspeed")
+    dims = ParallelDims(dp=8, zero_stage=3, zero_engine="deepspeed")
+    zero = deepspeed_zero_settings(dims, Workload(seq_len=64, precision="fp32"))
+    acc, startup = plan["peaks"]["accumulation"], plan["peaks"]["startup"]
+    assert plan["engine"] == "deepspeed"
+    assert startup["comm_buffers"] == acc["comm_buffers"] == 4 * zero["reduce_bucket_size"]
+    kept = BENCH_BLOCK + zero["stage3_prefetch_bucket_size"] + zero["stage3_max_reuse_distance"]
+    assert acc["gather_buffers"] == 4 * min(BENCH_PARAMS, kept)
+    # zero.Init builds each parameter whole before partitioning it: the largest, an MLP matrix
+    assert startup["init_buffers"] == 2**20 + 4 * 3072 * 768
+    assert plan["peaks"]["save"]["host_staging"] == 12 * BENCH_PARAMS // 8
+
+
+def test_fit_errors_name_the_peak_that_does_not_fit():
+    plan = bench_plan(dp=8, zero_stage=3)  # start-up 45 MB, accumulation 356 MB, save 132 MB
+    limit_gib = 200e6 / 0.9 / GIB
+    assert fits(plan["peaks"]["save"]["total"], limit_gib) and not fits(plan["total"], limit_gib)
+    (error,) = fit_errors(plan, limit_gib)
+    assert error.startswith("accumulation peak 0.3 GiB (stage 0: ") and "exceeds 0.2 GiB" in error
+    assert [e.split()[0] for e in fit_errors(plan, 30e6 / 0.9 / GIB)] == ["start-up", "accumulation", "save"]
+    assert fit_errors(plan, 1.0) == []
 
 
 def test_fits_keeps_a_safety_margin():
@@ -271,6 +385,37 @@ def test_cli_json_propose(capsys):
     assert all(f["layout"]["pp"] == 1 or f["layout"]["zero_stage"] != 1 for f in row["layouts"])
 
 
+def test_cli_propose_keeps_layouts_whose_every_peak_fits(capsys):
+    code, out, _ = run_cli(capsys, "--preset", "gpt3-175b", "--propose", "--gpus", "1024", "--top", "1000", "--json")
+    (row,) = json.loads(out)
+    assert code == 0 and row["n_fitting"] == len(row["layouts"]) > 0
+    for fields in row["layouts"]:
+        assert set(fields["peaks_gib"]) == {"startup", "accumulation", "save"}
+        assert all(gib <= 0.9 * 80 for gib in fields["peaks_gib"].values()) and fields["fit_errors"] == []
+        assert fields["per_rank_bytes"]["total"] == max(p["total"] for p in fields["peaks_bytes"].values())
+    # deferring the gradient reduction costs memory: fewer FSDP layouts fit, the others are unchanged
+    code, out, _ = run_cli(capsys, "--preset", "gpt3-175b", "--propose", "--gpus", "1024", "--top", "1000",
+                           "--defer-grad-reduce", "--json")
+    (deferred,) = json.loads(out)
+    assert 0 < deferred["n_fitting"] < row["n_fitting"]
+    assert all(f["layout"]["defer_grad_reduce"] == (f["layout"]["engine"] == "fsdp") for f in deferred["layouts"])
+
+
+def test_cli_text_shows_the_three_peaks_and_the_one_that_does_not_fit(capsys):
+    code, out, _ = run_cli(capsys, "--preset", "gpt3-125m", "--dp", "8", "--zero", "3", "--gpu-memory", "1")
+    assert code == 0
+    lines = out.splitlines()
+    table = next(line for line in lines if line.startswith("gpt3-125m") and line.split()[1] == "1")
+    assert table.split()[-2:] == ["NO", "fsdp"]
+    for label in ("start-up", "accumulation", "save"):
+        assert any(line.strip().startswith(label) and " GiB = " in line for line in lines), label
+    assert any("host staging" in line for line in lines)
+    (reason,) = [line for line in lines if "does not fit" in line]
+    assert "does not fit: accumulation peak" in reason and "exceeds 0.9 GiB (90% of 1 GiB)" in reason
+    code, out, _ = run_cli(capsys, "--preset", "gpt3-125m", "--dp", "8", "--zero", "3", "--defer-grad-reduce")
+    assert "deferred gradient reduction" in out
+
+
 def test_trainer_gaps_follow_the_trainers_rules():
     gaps = lambda *args, global_batch=None, **kw: trainer_gaps(*layout_of(*args, **kw), global_batch)  # noqa: E731
     assert gaps(8, 16, 8, 0, global_batch=1536) == []  # pipelines average gradients over replicas
@@ -297,6 +442,9 @@ def test_trainer_gaps_follow_the_trainers_rules():
     (["--propose", "--gpus", "8", "--dp", "2"], "error: --dp cannot be combined with --propose"),
     (["--gpus", "8"], "error: --gpus only applies with --propose"),
     (["--runnable"], "error: --runnable only applies with --propose"),
+    (["--defer-grad-reduce"], "error: --defer-grad-reduce needs --zero 2 or 3 (FSDP), got --zero 0"),
+    (["--propose", "--gpus", "8", "--zero", "1", "--defer-grad-reduce"],
+     "error: --defer-grad-reduce needs --zero 2 or 3 (FSDP), got --zero 1"),
 ])
 def test_cli_bad_values_are_one_line_naming_the_flag(capsys, argv, message):
     code, out, err = run_cli(capsys, "--preset", "gpt3-13b", *argv)
