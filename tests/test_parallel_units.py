@@ -1,9 +1,10 @@
 """The parallel building blocks on two gloo ranks, each against the one-process computation it replaces:
-loss-parallel cross-entropy, tensor-parallel initialisation, FSDP2 gradient-sync suppression.
+loss-parallel cross-entropy, tensor-parallel initialisation, FSDP2 gradient reduction per micro-batch
+and deferred to the last one.
 
-Tolerances come from fp32 summation: reordering a sum of n terms changes it by at most about
-(n - 1) * eps * (sum of their magnitudes) (Higham, "Accuracy and Stability of Numerical Algorithms",
-2nd ed. 2002, section 4.2); where nothing is summed differently the test asks for bit-equality.
+Tolerances come from the fp32 bound on reordering a sum (tests/helpers/tolerance.py:
+``reduction_tolerance``, with the shapes of each sum); where nothing is summed in another order the test
+asks for bit-equality.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from gptforge.parallel.apply import no_grad_sync, parallelize
 from gptforge.parallel.dims import ParallelDims
 from gptforge.parallel.loss import loss_context, token_loss_sum
 from helpers.distributed import DistributedTestError, run_distributed
+from helpers.tolerance import reduction_tolerance, unit_roundoff
 
 pytestmark = pytest.mark.dist
 
-EPS = torch.finfo(torch.float32).eps
+U = unit_roundoff(torch.float32)
 CPU = torch.device("cpu")
 SEED = 11
 
@@ -68,13 +70,23 @@ def _loss_parallel_rank(rank: int, world_size: int) -> None:
         loss = token_loss_sum(sharded, labels, mask)
         loss.backward()
 
-    # A token's log-sum-exp adds VOCAB exponentials, split over the ranks: its log differs by about
-    # VOCAB * eps (absolute); the loss adds one such difference per token. The gradient (softmax minus
-    # one-hot, each entry at most 1 in magnitude) inherits that same relative error.
-    torch.testing.assert_close(loss, reference, rtol=0, atol=BATCH * SEQ * VOCAB * EPS)
+    # Only the sum of each token's VOCAB exponentials is evaluated in another order (two halves, then
+    # an all-reduce; the maximum subtracted first is the same on both sides, and so are the
+    # exponentials of equal arguments). Its relative error is its logarithm's absolute error; the
+    # logarithm and the subtraction of the label's logit round once more each, by u of their results,
+    # in each evaluation. The loss then sums the BATCH * SEQ masked token losses, maybe in another order.
+    per_token = reduction_tolerance(VOCAB, 1 / VOCAB)  # relative: the terms average 1/VOCAB of their sum; 5.7e-6
+    weight = mask.flatten().float()
+    log_sum_exp = torch.logsumexp(logits.flatten(0, 1), dim=-1)  # [B*T]
+    token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    loss_bound = (float(weight.sum()) * per_token + 2 * U * float((weight * (log_sum_exp.abs() + token_loss)).sum())
+                  + reduction_tolerance(BATCH * SEQ, float(reference) / (BATCH * SEQ)))
+    torch.testing.assert_close(loss, reference, rtol=0, atol=loss_bound)
     assert isinstance(sharded.grad, DTensor) and sharded.grad.placements == (Shard(2),)
+    # The gradient, softmax minus one-hot: exp(logit - log-sum-exp) moves by the log-sum-exp's error
+    # times the probability (<= 1), plus the exponential's and the subtraction's roundings.
     torch.testing.assert_close(sharded.grad.to_local(), full.grad.chunk(world_size, dim=2)[rank],
-                               rtol=VOCAB * EPS, atol=VOCAB * EPS)
+                               rtol=0, atol=per_token + 4 * U)  # 4u: two roundings of values <= 1, each side
 
 
 def test_loss_parallel_cross_entropy_equals_one_process_loss_and_gradient():
@@ -99,7 +111,8 @@ def _tp_init_rank(rank: int, world_size: int) -> None:
         if isinstance(placement, Shard):
             sharded.add((name.split(".")[-2], placement.dim))
             full = full.chunk(world_size, dim=placement.dim)[rank]
-        # Both sides generate the full tensor from the same (seed, name) and copy a slice: bit-equal.
+        # Every element comes from the same (seed, name, row block) generator on both sides, whichever
+        # slice a rank draws; nothing is computed from other elements: bit-equal by construction.
         assert torch.equal(param.to_local(), full), name
         seen.add(name)
     assert seen == set(expected)
@@ -111,7 +124,7 @@ def test_tensor_parallel_init_equals_slices_of_one_process_init():
     run_distributed(_tp_init_rank, 2)
 
 
-# ------------------------------------------------------------------- FSDP2 gradient-sync suppression
+# ------------------------------------------------------------------- FSDP2 gradient reduction
 
 MICRO, MICRO_SEQ, MICRO_BATCHES = 2, 16, 2
 REDUCTIONS = ("reduce_scatter_single", "reduce_scatter_tensor", "all_reduce")
@@ -137,13 +150,14 @@ def counting_reductions(counts: dict[str, int]):
             setattr(dist, name, original)
 
 
-def _fsdp_rank(rank: int, world_size: int) -> None:
+def _fsdp_rank(rank: int, world_size: int, defer: bool) -> None:
     config = get_preset("tiny").config()
     assert config.dropout == 0.0  # a deterministic forward: the same micro-batch gives the same gradient
-    dims = ParallelDims(tp=1, dp=world_size, zero_stage=2)
+    dims = ParallelDims(tp=1, dp=world_size, zero_stage=2, defer_grad_reduce=defer)
     with torch.device("meta"):
         model = GPT(config)
     module, _ = parallelize(model, dims, dims.build_mesh("cpu"), CPU, seed=SEED)
+    units = config.n_layer + 1  # FSDP units: each block and the root
 
     generator = torch.Generator().manual_seed(1)  # every rank draws all batches and trains on its own
     batches = [[(torch.randint(0, config.vocab_size, (MICRO, MICRO_SEQ), generator=generator),
@@ -159,11 +173,19 @@ def _fsdp_rank(rank: int, world_size: int) -> None:
             with contextlib.nullcontext() if last else no_grad_sync(module, dims):
                 # as training/steps.py: FSDP averages over dp, so dp / global tokens gives the global mean
                 (token_loss_sum(module(tokens), labels, mask) * (dims.dp / global_tokens)).backward()
-            if not last:
+            if last:
+                continue
+            if defer:
                 assert sum(counts.values()) == 0, counts  # nothing reduced inside no_grad_sync
                 assert all(p.grad is None for p in model.parameters())  # no sharded gradient yet
-    # After the last micro-batch: one reduce-scatter per FSDP unit (each block and the root).
-    assert counts == {"reduce_scatter_single": config.n_layer + 1, "reduce_scatter_tensor": 0, "all_reduce": 0}
+            else:  # no_grad_sync does nothing: this micro-batch's gradients are reduce-scattered already
+                assert counts == {"reduce_scatter_single": units * (i + 1), "reduce_scatter_tensor": 0,
+                                  "all_reduce": 0}, counts
+                for name, param in model.named_parameters():  # and kept as this rank's shard only
+                    assert param.grad.to_local().numel() == param.to_local().numel(), name
+    # deferred: one reduce-scatter per unit after the last micro-batch; default: one per micro-batch
+    expected_counts = units if defer else units * MICRO_BATCHES
+    assert counts == {"reduce_scatter_single": expected_counts, "reduce_scatter_tensor": 0, "all_reduce": 0}, counts
 
     reference = build_model(config, seed=SEED)
     terms = []  # the gradient of every micro-batch of every rank, one process
@@ -174,13 +196,21 @@ def _fsdp_rank(rank: int, world_size: int) -> None:
             terms.append({name: p.grad.clone() for name, p in reference.named_parameters()})
     n = len(terms)
     for name, param in model.named_parameters():
+        assert param.grad.to_local().shape == param.to_local().shape, name  # sharded like its parameter
         got = param.grad.full_tensor()
-        # dividing by dp (a power of two) is exact; only the order of the n-term sum differs
+        # Each micro-batch's gradient is the one-process one (same weights, ops and shapes); only the
+        # order of adding the n = dp x micro-batches terms differs (deferred: a rank's micro-batches,
+        # then the ranks; default: the ranks, then the micro-batches). Dividing by dp (a power of two)
+        # is exact.
         expected = sum(term[name] for term in terms) / dims.dp
-        bound = (n - 1) * EPS * sum(term[name].abs() for term in terms) / dims.dp
+        bound = reduction_tolerance(n, sum(term[name].abs() for term in terms) / (n * dims.dp))
         excess = (got - expected).abs() - bound
         assert float(excess.max()) <= 0, f"{name}: exceeds the reordering bound by {float(excess.max())}"
 
 
-def test_fsdp_no_grad_sync_defers_reduction_to_the_last_micro_batch():
-    run_distributed(_fsdp_rank, 2)
+def test_fsdp_reduces_gradients_every_micro_batch_and_stays_sharded():
+    run_distributed(_fsdp_rank, 2, False)
+
+
+def test_fsdp_defer_grad_reduce_reduces_once_after_the_last_micro_batch():
+    run_distributed(_fsdp_rank, 2, True)
