@@ -18,9 +18,10 @@ parallel code never touch it: ``forward`` and the module names stay as above.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.wo = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.local_window = config.local_window if config.is_sparse_layer(layer) else None
+        self.dropout_rng: Callable[[], ContextManager] = contextlib.nullcontext
+        """Context in which the attention-probability dropout draws its mask: the default generator
+        here; with heads split over tensor-parallel ranks, gptforge.parallel installs a generator per
+        rank (parallel/rng.py), since each rank's heads need masks of their own."""
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        """Scaled dot-product attention with dropout on the probabilities in training; q [B, H, T, Dh],
+        k, v [B, H, S, Dh] -> [B, H, T, Dh]. The dropout mask is drawn inside the kernel, from whichever
+        generator ``dropout_rng`` makes current."""
+        dropout_p = self.dropout if self.training else 0.0
+        with self.dropout_rng():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bsz, seq, _ = x.shape  # x: [B, T, D]
@@ -113,13 +127,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape  # x: [B, T, D]
         q, k, v = self._qkv(x)  # [B, H, T, Dh] each
-        dropout_p = self.dropout if self.training else 0.0
         if self.local_window is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            out = self._attend(q, k, v, None, is_causal=True)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=banded_causal_mask(seq, self.local_window, x.device), dropout_p=dropout_p
-            )
+            out = self._attend(q, k, v, banded_causal_mask(seq, self.local_window, x.device), is_causal=False)
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # [B, T, D]
         return self.wo(out)
 
@@ -130,8 +141,7 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)  # [B, H, T, Dh] each
         keys, values = kv.write(start_pos, k, v)  # [B, H, start_pos + T, Dh] each
         mask = offset_causal_mask(start_pos, seq, self.local_window, x.device)  # [T, start_pos + T]
-        dropout_p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p)
+        out = self._attend(q, keys, values, mask, is_causal=False)
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # [B, T, D]
         return self.wo(out)
 
@@ -173,6 +183,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout_rng: Callable[[], ContextManager] = contextlib.nullcontext
+        """Context in which the residual dropout draws its masks: the default generator here (a
+        residual stream every rank holds whole must get the same mask on every rank); with the stream
+        split along the sequence over tensor-parallel ranks, gptforge.parallel installs a generator
+        per rank (parallel/rng.py), since each rank's positions need masks of their own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._residual(x, self.attn)
@@ -181,14 +196,18 @@ class Block(nn.Module):
         """x [B, T, D] at positions [start_pos, start_pos + T), attending to the cached earlier ones."""
         return self._residual(x, lambda h: self.attn.forward_cached(h, kv, start_pos))
 
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        with self.resid_dropout_rng():
+            return self.resid_dropout(h)
+
     def _residual(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         # One residual layout for training and cached inference, so the two cannot drift apart.
         if self.pre_norm:  # GPT-2/3: LayerNorm at the input of each sub-block
-            x = x + self.resid_dropout(attend(self.ln_1(x)))
-            return x + self.resid_dropout(self.mlp(self.ln_2(x)))
+            x = x + self._dropout(attend(self.ln_1(x)))
+            return x + self._dropout(self.mlp(self.ln_2(x)))
         # GPT-1: LayerNorm after each residual add
-        x = self.ln_1(x + self.resid_dropout(attend(x)))
-        return self.ln_2(x + self.resid_dropout(self.mlp(x)))
+        x = self.ln_1(x + self._dropout(attend(x)))
+        return self.ln_2(x + self._dropout(self.mlp(x)))
 
 
 class TiedHead(nn.Module):

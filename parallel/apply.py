@@ -1,44 +1,87 @@
 """Turn a meta-device GPT into this rank's trained module under a ``ParallelDims`` layout.
 
-Order: tensor parallel on the meta model -> materialise (``to_empty``) -> initialise -> data parallel
-(DDP replicas, or FSDP2 sharding for ZeRO-2/3). Every parameter is initialised from its full value,
-generated from (seed, parameter name) exactly as a single process would, and this rank keeps its shard:
-so a model has the same weights under every layout, which the equivalence tests rely on.
+Order (torchtitan's): on the meta device, prune to this rank's pipeline stages -> tensor parallel
+(DTensor) -> activation-checkpoint wrappers -> FSDP2 sharding; then materialise (``to_empty``) and
+initialise only the values this rank holds; then wrap DDP replicas. Each rank fills its shard with the
+region of the full parameter it holds, drawn from the (seed, parameter name, row block) generators of
+``gptforge.model.gpt`` exactly as a single process draws the whole parameter (``init_slice_``), so a
+model has the same weights under every layout, which the equivalence tests rely on, and no rank ever
+holds a full parameter it does not keep (the largest temporary is one row block of it, besides the
+list of row indices DTensor builds to locate a shard).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ..model.gpt import GPT, init_tensor_
+from ..model.gpt import GPT, init_slice_, init_tensor_
 from .dims import ParallelDims
 from .pipeline import PipelineRanks, PipelineRunner, prune_to_rank
-from .tensor_parallel import apply_tensor_parallel
+from .rng import ModelParallelRNG, set_model_parallel_rng
+from .tensor_parallel import apply_tensor_parallel, use_model_parallel_rng
+
+
+def clean_name(name: str) -> str:
+    """The parameter's name in the plain model: without the activation-checkpoint wrapper's prefix (as
+    torch's state-dict helpers strip it), so initialisation and checkpoints see the same names."""
+    return name.replace(_CHECKPOINT_PREFIX, "")
+
+
+def local_region(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, offsets) of the region of the full parameter this rank holds. A DTensor sharded twice
+    along one dimension (FSDP2 over a tensor-parallel shard: _StridedShard on "dp", Shard on "tp")
+    holds one contiguous row range of it, the dp-th chunk of the tp-th chunk, which
+    ``compute_local_shape_and_global_offset`` gives too; a plain tensor is the whole parameter."""
+    if not isinstance(param, DTensor):
+        return tuple(param.shape), (0,) * param.dim()
+    shape, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(shape), tuple(offsets)
 
 
 @torch.no_grad()
-def init_parameters(model: GPT, seed: int) -> None:
+def init_local_shard_(model: GPT, name: str, param: torch.Tensor, seed: int) -> None:
+    """Fill this rank's values of parameter ``name`` (possibly wrapper-prefixed) by its init rule."""
+    name = clean_name(name)
+    rule = model.init_rule(name)
+    if not isinstance(param, DTensor):
+        init_tensor_(param, rule, seed, name)
+        return
+    local = param.to_local()  # outside autograd: the shard itself (FSDP2's view into its padded storage)
+    shape, offsets = local_region(param)
+    if tuple(local.shape) != shape:
+        raise AssertionError(f"{name}: local shard {tuple(local.shape)} but its placements "
+                             f"{param.placements} give {shape}")
+    init_slice_(local, rule, seed, name, param.shape, offsets)
+
+
+@torch.no_grad()
+def init_local_shards(model: GPT, seed: int) -> None:
+    """Initialise every parameter's local shard after ``to_empty``. The GPT has no buffers; one added
+    later would hold uninitialised memory here, so it is an error until it gets an initialiser."""
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise RuntimeError(f"buffers {buffers} have no initialiser after to_empty (parallel/apply.py)")
     for name, param in model.named_parameters():
-        rule = model.init_rule(name)
-        if isinstance(param, DTensor):
-            full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
-            init_tensor_(full, rule, seed, name)
-            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-            param.to_local().copy_(local)
-        else:
-            init_tensor_(param, rule, seed, name)
+        init_local_shard_(model, name, param, seed)
 
 
-def apply_recompute(model: GPT, dims: ParallelDims) -> None:
-    """Wrap blocks in activation checkpointing (after init: the wrapper changes parameter names,
-    which checkpoints strip again, so saved files are the same with or without it)."""
+def apply_recompute(model: GPT, dims: ParallelDims, rng: ModelParallelRNG | None = None) -> None:
+    """Wrap blocks in activation checkpointing. The wrapper puts ``_checkpoint_wrapped_module.`` into
+    parameter names; initialisation (``clean_name``) and checkpoints strip it again, so neither depends
+    on it. A recomputed block redraws its forward's dropout masks: checkpointing restores the default
+    generator, and ``rng`` (when dropout uses one) restores the model-parallel one."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import noop_context_fn
 
+    context_fn = rng.checkpoint_contexts if rng is not None else noop_context_fn
     for i, name in enumerate(list(model.blocks)):
         if dims.recompute == "full" or (dims.recompute == "selective" and i % dims.recompute_every == 0):
-            model.blocks[name] = checkpoint_wrapper(model.blocks[name], preserve_rng_state=True)
+            model.blocks[name] = checkpoint_wrapper(model.blocks[name], preserve_rng_state=True,
+                                                    context_fn=context_fn)
 
 
 def mixed_precision_policy(precision: str):
@@ -55,36 +98,36 @@ def mixed_precision_policy(precision: str):
 def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed: int,
                 precision: str = "fp32") -> tuple[nn.Module, PipelineRunner | None]:
     """``model`` is on the meta device and is changed in place (pruned to this rank's pipeline stages,
-    sharded). Returns the module to call for a forward (the model or a DDP wrapper) and, with pp > 1,
-    the pipeline runner. Under FSDP ``precision`` becomes its mixed-precision policy; otherwise the
-    training loop autocasts over fp32 weights."""
+    sharded, materialised on ``device``, initialised). Returns the module to call for a forward (the
+    model or a DDP wrapper) and, with pp > 1, the pipeline runner. Under FSDP ``precision`` becomes its
+    mixed-precision policy; otherwise the training loop autocasts over fp32 weights."""
     pipeline_ranks = None
     if dims.pp > 1:
         pipeline_ranks = PipelineRanks.from_mesh(mesh, dims)
         prune_to_rank(model, dims, pipeline_ranks.pp_rank)
+    rng = None
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=dims.sequence_parallel,
                               loss_parallel=dims.loss_parallel)
-    model.to_empty(device=device)
-    init_parameters(model, seed)
+        if model.config.dropout > 0:
+            pp_rank = pipeline_ranks.pp_rank if pipeline_ranks is not None else 0
+            rng = ModelParallelRNG(seed=seed, tp_rank=mesh["tp"].get_local_rank(), pp_rank=pp_rank, device=device)
+            use_model_parallel_rng(model, rng, sequence_parallel=dims.sequence_parallel)
+    set_model_parallel_rng(rng)
     if dims.recompute != "none":
-        apply_recompute(model, dims)
+        apply_recompute(model, dims, rng)
+    runner = None
     if pipeline_ranks is not None:  # replicas: the runner averages gradients after each schedule
         runner = PipelineRunner(model, dims, pipeline_ranks, device, dims.pp_schedule)
         if dims.fsdp:
             runner.shard(mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision))
+    elif dims.fsdp:
+        shard_model(model, mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision))
+    model.to_empty(device=device)
+    init_local_shards(model, seed)
+    if runner is not None or dims.deepspeed or dims.fsdp:
+        # DeepSpeed: the engine wraps the model once the optimizer exists (training/trainer.py)
         return model, runner
-    if dims.deepspeed:  # the engine wraps the model once the optimizer exists (training/trainer.py)
-        return model, None
-    if dims.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        reshard = dims.zero_stage == 3  # ZeRO-3: free gathered parameters after forward; ZeRO-2: keep them
-        policy = mixed_precision_policy(precision)
-        for block in model.blocks.values():
-            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=policy)
-        fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=policy)
-        return model, None
     if dims.dp > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -93,11 +136,30 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
     return model, None
 
 
+def shard_model(model: GPT, dp_mesh, reshard_after_forward: bool, mp_policy) -> None:
+    """FSDP2 over the data-parallel ranks: each block one unit, the root the rest (embeddings, final
+    LayerNorm). ``reshard_after_forward``: ZeRO-3 frees gathered parameters after forward, ZeRO-2 keeps them."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+
+
 def no_grad_sync(module: nn.Module, dims: ParallelDims):
-    """Context in which backward accumulates gradients locally (all micro-batches but the last)."""
+    """Context for the backward of every micro-batch of a step but the last.
+
+    FSDP (default): nothing changes, every backward reduce-scatters its gradients, which accumulate
+    sharded, so a rank holds 1/dp of the model's gradients between micro-batches (one more collective
+    per micro-batch). With ``defer_grad_reduce``: reduction waits for the last micro-batch, and until
+    then every rank accumulates the unsharded gradients of the whole model. DDP: ``no_sync``, since
+    its gradients are whole on every rank anyway, deferring the all-reduce costs no memory."""
     import contextlib
 
     if dims.fsdp:
+        if not dims.defer_grad_reduce:
+            return contextlib.nullcontext()
+
         @contextlib.contextmanager
         def fsdp_no_sync():
             module.set_requires_gradient_sync(False)

@@ -10,7 +10,9 @@ first and last stage every step, so they stay equal. Stage ``s`` of ``pp * virtu
 Data parallelism under a pipeline either averages replica gradients over the "dp" ranks after the
 schedule (zero_stage 0), or shards every stage with FSDP2 (zero_stage 2/3): each block is its own
 FSDP unit and each stage view the root unit of the rest it calls (embeddings, final LayerNorm, the
-tied matrix), so the pipeline schedule sees FSDP modules and reduce-scatters once per step.
+tied matrix), so the pipeline schedule sees FSDP modules. Their gradients are reduce-scattered after
+every micro-batch's backward and accumulate sharded; with ``defer_grad_reduce`` they accumulate
+unsharded and are reduce-scattered once, after the step's last micro-batch (torch's schedules' own way).
 """
 
 from __future__ import annotations
@@ -133,9 +135,10 @@ class PipelineRunner:
         self._loss_scale = 1.0
 
     def shard(self, dp_mesh, reshard_after_forward: bool, mp_policy) -> None:
-        """FSDP2 over the data-parallel ranks (zero_stage 2/3): every block of every local stage, then
-        each stage view as the unit of its remaining parameters. Gradients come out reduce-scattered
-        (averaged over dp) by the schedule's last backward, so ``average_over_dp`` has nothing to do."""
+        """FSDP2 over the data-parallel ranks (zero_stage 2/3), on the meta rank model before it is
+        materialised: every block of every local stage, then each stage view as the unit of its
+        remaining parameters. Gradients come out reduce-scattered (averaged over dp) by the schedule's
+        backwards (``_stage_class``), so ``average_over_dp`` has nothing to do."""
         from torch.distributed.fsdp import fully_shard
 
         for view in self.views.values():
@@ -149,9 +152,10 @@ class PipelineRunner:
         return token_loss_sum(logits, labels, (labels != -100)) * self._loss_scale
 
     def _schedule(self, n_micro: int):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-        stages = [PipelineStage(self.views[s], s, self.n_stages, self.device, group=self.ranks.pp_group)
+        stage_cls = _stage_class(self.dims.defer_grad_reduce)
+        stages = [stage_cls(self.views[s], s, self.n_stages, self.device, group=self.ranks.pp_group)
                   for s in self.stage_ids]
         # Losses are sums divided by the global token count already: no extra 1/n_micro scaling.
         if self.schedule_name == "interleaved-1f1b":
@@ -250,6 +254,37 @@ class PipelineRunner:
                     if param.grad is not None:
                         param.grad.mul_(coef)
         return total
+
+
+def _stage_class(defer_grad_reduce: bool):
+    """The ``PipelineStage`` to build. torch's stage turns FSDP gradient sync off for every
+    micro-batch's backward and reduce-scatters once after the last (so the unsharded gradients of the
+    whole stage accumulate until then): kept with ``defer_grad_reduce``. Otherwise each backward
+    reduce-scatters and the gradients accumulate sharded; the schedule's closing reduction then finds
+    nothing left to reduce and only finalises (waits for the reductions in flight)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.pipelining import PipelineStage
+
+    if defer_grad_reduce:
+        return PipelineStage
+
+    class ShardedGradStage(PipelineStage):
+        def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+            if not isinstance(self.submod, FSDPModule):
+                return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+            from torch.distributed.pipelining._backward import stage_backward
+
+            if backward_type != "full":  # the schedules used here (SCHEDULES) run whole backwards only
+                raise AssertionError(f"unexpected split backward {backward_type!r} of a pipeline stage")
+            # As torch's stage, but with gradient sync on: parameters stay gathered across micro-batches
+            # (the schedule reshards them at the end) and the step is finalised once, after the last.
+            self.submod.set_is_last_backward(False)
+            self.submod.set_reshard_after_backward(False)
+            self.submod.set_requires_gradient_sync(True)
+            grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
+            return grads, None
+
+    return ShardedGradStage
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

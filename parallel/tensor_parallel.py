@@ -9,6 +9,12 @@ the "tp" mesh and gradient clipping sees one consistent set.
 With ``sequence_parallel`` the LayerNorm/dropout regions hold [B, T/tp, D] sequence shards: the
 embedding output is sliced to its shard, attention and MLP inputs are all-gathered, their outputs
 reduce-scattered back to shards.
+
+Dropout (parallel/rng.py): the attention probabilities are split by head, and with sequence
+parallelism the residual dropout acts on sequence shards; both draw from the per-rank model-parallel
+generator (``use_model_parallel_rng``). The embedding dropout acts on the full summed embeddings,
+before the sequence-parallel slice, so it draws one replicated mask from the default generator and
+each rank keeps its positions of it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from ..model.gpt import Attention, Block
+from .rng import ModelParallelRNG
 
 
 class ReplicateParallel(ParallelStyle):
@@ -85,3 +94,14 @@ def tied_head_style(act, loss_parallel: bool) -> ParallelStyle:
         output_layouts=Shard(-1), desired_output_layouts=Shard(-1) if loss_parallel else Replicate(),
         use_local_output=not loss_parallel,
     )
+
+
+def use_model_parallel_rng(model: nn.Module, rng: ModelParallelRNG, *, sequence_parallel: bool) -> None:
+    """Make the dropout of activations that ``apply_tensor_parallel`` splits over ranks draw from ``rng``:
+    attention probabilities (heads split) always, the residual dropout with ``sequence_parallel``
+    (positions split); without it the residual stream is replicated and keeps the default generator."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.dropout_rng = rng.fork
+        elif isinstance(module, Block) and sequence_parallel:
+            module.resid_dropout_rng = rng.fork

@@ -39,6 +39,7 @@ MIXED: dict[str, tuple[str, dict[str, str]]] = {
         "test_pipeline_runs_offline_and_generates_our_greedy_tokens": "slow",
         "test_byte_bpe_model_trains_exports_imports_and_resumes": "slow",
     }),
+    "test_resume_checks.py": ("unit", {"test_changed_resume_is_refused_then_allowed": "slow"}),
     "test_parallel.py": ("dist", {"test_layout_errors_are_named_before_any_process_group": "unit"}),
     "test_planner.py": ("unit", {
         "test_weights_per_rank_match_fake_process_group": "dist",

@@ -158,8 +158,8 @@ class CheckpointConfig:
     allow_changes: list[str] = field(default_factory=list)
     """What a resume may find changed since the checkpoint was written (otherwise refused, naming every
     difference): any of ``tokenizer``, ``data.sources``, ``data.split``, ``data.seed``, ``train.seq_len``,
-    ``train.global_batch_size``, ``train.micro_batch_size``, ``optim.batch_ramp_start_tokens``,
-    ``optim.batch_ramp_tokens``."""
+    ``train.global_batch_size``, ``optim.batch_ramp_start_tokens``, ``optim.batch_ramp_tokens``
+    (training/resume_check.py)."""
     async_save: bool = True
     """Write checkpoints in the background: each rank copies its shards to host memory and training
     goes on while they are written; the next save (and the end of the run) first completes the

@@ -1,8 +1,13 @@
 """Training data: megatron-core ``GPTDataset``s over indexed datasets, blended with per-source weights.
 
-The order of samples is fixed by ``data.seed`` alone, so sample ``i`` of the train split is the same
-sequence in every run, on every rank and after every resume: the data-loader position is just the
-number of samples consumed.
+The order of samples is a function of the data config alone (sources, weights, split, ``data.seed``
+and the sequence length), never of ``train.max_steps``: the train split is read as consecutive
+*epochs* of ``epoch_samples`` samples (the tokens of every source's train split over the sequence
+length), and epoch ``k`` is megatron-core's mixture built for exactly that many samples with the seed
+derived from (``data.seed``, k). megatron-core's own shuffle depends on how many samples are asked
+for, so asking for ``max_steps`` worth would give a run extended with more steps another order. Sample
+``i`` is therefore the same sequence in every run, on every rank and after every resume or
+extension: the data-loader position is just the number of samples consumed.
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ def check_sources(paths: list[str], split: str, seq_len: int, tokenizer_sha: str
     building a split with no tokens)."""
     from ..data_prep.tokenization.indexed_writer import read_metadata
 
-    _, _, indexed_dataset = import_megatron_datasets()
     errors = []
     try:
         fractions = split_fractions(split)
@@ -62,7 +66,6 @@ def check_sources(paths: list[str], split: str, seq_len: int, tokenizer_sha: str
     if need_valid and fractions[1] <= 0:
         errors.append(f"data.split {split!r} gives validation no documents but train.eval_interval > 0; "
                       f"give the validation split a share or set train.eval_interval=0")
-    bounds = np.cumsum([0.0] + fractions)
     for i, path in enumerate(paths):
         key = f"data.sources[{i}].path"
         try:
@@ -78,37 +81,98 @@ def check_sources(paths: list[str], split: str, seq_len: int, tokenizer_sha: str
                 f"with this tokenizer or point tokenizer.path at that one"
             )
             continue
-        index = indexed_dataset.IndexedDataset(path, mmap=True)
-        lengths = index.sequence_lengths
-        n = len(lengths)
+        splits = split_tokens(path, split)
         for split_id, name in ((0, "train"), (1, "validation")):
             if split_id == 1 and not need_valid:
                 continue
             if fractions[split_id] <= 0:
                 continue
-            # Same rounding as megatron-core's builder when it cuts documents into splits.
-            beg, end = int(round(bounds[split_id] * n)), int(round(bounds[split_id + 1] * n))
-            tokens = int(lengths[beg:end].sum())
+            documents, total, tokens = splits[split_id]
             if tokens < seq_len + 1:
                 errors.append(
-                    f"{key}: the {name} split of {path!r} gets {end - beg} of {n} documents = {tokens} tokens, "
+                    f"{key}: the {name} split of {path!r} gets {documents} of {total} documents = {tokens} tokens, "
                     f"fewer than one sequence ({seq_len + 1}); use more data or change data.split ({split!r})"
                 )
     return errors
 
 
+def split_tokens(path: str, split: str) -> list[tuple[int, int, int]]:
+    """(documents, all documents, tokens) of the train, validation and test splits of the indexed
+    dataset at ``path``, cut as megatron-core's builder cuts documents into splits."""
+    _, _, indexed_dataset = import_megatron_datasets()
+    index = indexed_dataset.IndexedDataset(path, mmap=True)  # keep it open: lengths is a view of its mmap
+    lengths = index.sequence_lengths
+    n = len(lengths)
+    bounds = np.cumsum([0.0] + split_fractions(split))
+    out = []
+    for split_id in range(3):
+        beg, end = int(round(bounds[split_id] * n)), int(round(bounds[split_id + 1] * n))
+        out.append((end - beg, n, int(lengths[beg:end].sum())))
+    del lengths, index
+    return out
+
+
+def epoch_samples(paths: list[str], split: str, seq_len: int) -> int:
+    """Samples in one epoch of the training mixture: every source's train tokens over the sequence
+    length (a sample reads ``seq_len + 1`` tokens, the last shared with the next sample)."""
+    return max(1, sum((split_tokens(path, split)[0][2] - 1) // seq_len for path in paths))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """megatron-core's shuffle seed for ``epoch`` (numpy seeds are 32-bit); epoch 0 keeps ``seed``."""
+    return (seed + epoch * 1_000_003) % 2**32
+
+
 @dataclass(kw_only=True)
 class GPTDatasets:
-    train: object
+    train: "EpochSamples"
     valid: object | None
 
 
+class EpochSamples:
+    """The train split as an endless sequence of epochs: sample ``i`` is sample ``i % epoch_samples``
+    of epoch ``i // epoch_samples``. Epochs are built when first read (the last two stay open)."""
+
+    def __init__(self, build_epoch, epoch_samples: int) -> None:
+        self._build_epoch = build_epoch
+        self.epoch_samples = epoch_samples
+        self._open: dict[int, object] = {}
+
+    def epoch(self, k: int):
+        if k not in self._open:
+            while len(self._open) >= 2:
+                self._open.pop(min(self._open))
+            self._open[k] = self._build_epoch(k)
+        return self._open[k]
+
+    def __getitem__(self, i: int) -> dict:
+        k, j = divmod(i, self.epoch_samples)
+        return self.epoch(k)[j]
+
+
 def build_gpt_datasets(*, paths: list[str], weights: list[float], split: str, seq_len: int, seed: int,
-                       vocab_size: int, eod: int, train_samples: int, valid_samples: int,
-                       cache_dir: str) -> GPTDatasets:
-    """Build (on every rank, deterministically) the train and validation datasets of the mixture."""
-    builder_mod, gpt_mod, _ = import_megatron_datasets()
+                       vocab_size: int, eod: int, valid_samples: int, cache_dir: str) -> GPTDatasets:
+    """Build (on every rank, deterministically) the train epochs and the validation set of the mixture."""
     os.makedirs(cache_dir, exist_ok=True)
+    per_epoch = epoch_samples(paths, split, seq_len)
+
+    def build(epoch: int, train_samples: int, valid: int):
+        return _build_split_datasets(paths=paths, weights=weights, split=split, seq_len=seq_len,
+                                     seed=epoch_seed(seed, epoch), vocab_size=vocab_size, eod=eod,
+                                     train_samples=train_samples, valid_samples=valid, cache_dir=cache_dir)
+
+    # The validation set: its own fixed size, from the data seed (epoch 0's), read from the start.
+    valid = build(0, 0, valid_samples)[1] if valid_samples > 0 else None
+    train = EpochSamples(lambda epoch: build(epoch, per_epoch, 0)[0], per_epoch)
+    return GPTDatasets(train=train, valid=valid)
+
+
+def _build_split_datasets(*, paths: list[str], weights: list[float], split: str, seq_len: int, seed: int,
+                          vocab_size: int, eod: int, train_samples: int, valid_samples: int,
+                          cache_dir: str) -> tuple[object | None, object | None]:
+    """megatron-core's (train, validation) datasets of the mixture for exactly these sample counts
+    (a count of 0 builds no dataset for that split)."""
+    builder_mod, gpt_mod, _ = import_megatron_datasets()
     config = gpt_mod.GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_len,
@@ -124,13 +188,11 @@ def build_gpt_datasets(*, paths: list[str], weights: list[float], split: str, se
         mid_level_dataset_surplus=0.005,
     )
     # The test split stays held out (for evaluation); training never builds it.
-    config.split_matrix = [config.split_matrix[0], config.split_matrix[1], None]
-    if valid_samples == 0:
-        config.split_matrix[1] = None
-    sizes = [train_samples, valid_samples, 0]
+    matrix = config.split_matrix
+    config.split_matrix = [matrix[0] if train_samples else None, matrix[1] if valid_samples else None, None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train, valid, _ = builder_mod.BlendedMegatronDatasetBuilder(
-            gpt_mod.GPTDataset, sizes, lambda: True, config
+            gpt_mod.GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
         ).build()
-    return GPTDatasets(train=train, valid=valid)
+    return train, valid

@@ -15,6 +15,7 @@ from ..model.config import GPTConfig
 from ..model.presets import PRESETS
 from ..parallel.dims import ParallelDims
 from .config import JobConfig
+from .resume_check import RESUME_KEYS
 from .schedule import TokenSchedule
 
 
@@ -104,6 +105,9 @@ def _check_job(job: JobConfig, world_size: int, errors: list[str]) -> dict:
     for i, source in enumerate(job.data.sources):
         if source is not None and source.weight <= 0:
             errors.append(f"data.sources[{i}].weight must be > 0, got {source.weight}")
+    for i, key in enumerate(c.allow_changes):
+        if key not in RESUME_KEYS:
+            errors.append(f"checkpoint.allow_changes[{i}]: {key!r} is not one of {', '.join(RESUME_KEYS)}")
     if c.resume not in ("auto", "none") and not os.path.isdir(c.resume):
         errors.append(f"checkpoint.resume: expected 'auto', 'none' or a checkpoint directory, got {c.resume!r}")
 

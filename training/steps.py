@@ -96,7 +96,8 @@ def _accumulate_step(ctx: StepContext, batches: list[dict], global_tokens: float
     for i, mb in enumerate(batches):
         x, y, mask = (mb[k].to(ctx.device) for k in ("tokens", "labels", "loss_mask"))  # each [b, T]
         last = i == len(batches) - 1
-        # Gradients are reduced over data-parallel ranks once per step, after the last micro-batch.
+        # DDP (and FSDP with parallel.defer_grad_reduce) reduce gradients once per step, after the last
+        # micro-batch; FSDP by default reduce-scatters after every one, so gradients stay sharded.
         sync = contextlib.nullcontext() if last else no_grad_sync(ctx.module, ctx.dims)
         with sync, loss_context(ctx.dims):
             with autocast(ctx.autocast_precision, ctx.device):

@@ -27,7 +27,10 @@ class Callback:
         (validation does) that the callbacks after it see."""
 
     def on_checkpoint_written(self, trainer: Trainer, tmp_dir: str) -> None:
-        """Every rank's shards of a checkpoint are in ``tmp_dir``; it is not yet renamed into place."""
+        """Every rank's shards of a checkpoint are in ``tmp_dir``; it is not yet renamed into place. With
+        ``checkpoint.async_save`` this runs when the background write is committed, possibly steps after
+        the save began: read the checkpoint's step with ``training.checkpoint.checkpoint_step(tmp_dir)``,
+        not ``trainer.state.step``."""
 
     def on_train_end(self, trainer: Trainer, summary: dict) -> None:
         """After the last step (or a stop on a signal); ``summary`` becomes ``summary.json``."""
