@@ -80,7 +80,7 @@ def test_sigterm_saves_and_exits(tmp_path, write_config):
 def test_user_callback_from_config_runs(tmp_path, write_config):
     run_dir = tmp_path / "run"
     cfg = write_config(run_dir=run_dir, train={"max_steps": 5, "eval_interval": 0, "callbacks": ["helpers.faults:StepCounter"]},
-                       checkpoint={"interval": 2})
+                       checkpoint={"interval": 2, "async_save": False})  # a background save commits when done
     proc = run_train(cfg)
     assert proc.returncode == 0, proc.stderr
     hooks = (run_dir / "hooks.txt").read_text().splitlines()

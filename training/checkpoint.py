@@ -8,27 +8,42 @@ SentencePiece, ``tokenizer.json`` for byte-level BPE) and ``rng_rank{r}.pt`` (ea
 A checkpoint whose ``trainer_state.json`` says ``"weights_only": true`` (written by ``gptforge
 import-hf``) starts training from its weights with a fresh optimizer and the run's own RNG seed.
 
-Every checkpoint folder (training's, ``gptforge finetune``'s, ``gptforge import-hf``'s) is written by
-``write_checkpoint``: under ``.tmp-step_...``, renamed into place only after every rank finished and the
-files were fsynced, so a torn save is never picked up; ``keep_last`` complete ones are kept.
+Every checkpoint folder (training's, ``gptforge finetune``'s, ``gptforge import-hf``'s) is written
+under ``.tmp-step_...`` and renamed into place only after every rank finished and the files were fsynced,
+so a torn save is never picked up; ``keep_last`` complete ones are kept.
+
+Training writes in the background (``checkpoint.async_save``): each rank copies its own shards to host
+memory (the only part the step waits for) and a thread writes them while training goes on; the
+checkpoint is made complete (``CheckpointWrite.commit``: every rank's shards on disk, then rank 0 writes
+``trainer_state.json`` and renames the folder) in the training loop, on every rank together, as soon as
+all ranks' writes are done, and at the latest before the next save, the end of the run or a stop on a
+signal. A process that dies before that leaves only ``.tmp-step_...``: the previous checkpoint stays
+the newest complete one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import random
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
@@ -36,7 +51,7 @@ from ..common.atomic import atomic_folder, atomic_write_json, sibling, swap_fold
 from ..common.errors import UserError
 from ..parallel import deepspeed_engine
 from ..model.gpt import GPT
-from ..parallel.distributed import DistInfo, barrier
+from ..parallel.distributed import DistInfo, all_reduce_sum, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -52,6 +67,15 @@ STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 class CheckpointMismatchError(UserError):
     pass
+
+
+def checkpoint_step(path: str) -> int:
+    """The step a checkpoint folder is named for: ``step_00000100`` or its ``.tmp-step_00000100``."""
+    name = os.path.basename(os.path.normpath(path))
+    match = _STEP_DIR.match(name.removeprefix(".tmp-"))
+    if match is None:
+        raise ValueError(f"{path!r} is not a checkpoint folder name (step_NNNNNNNN)")
+    return int(match.group(1))
 
 
 def is_complete(path: str) -> bool:
@@ -75,18 +99,38 @@ def find_tokenizer(step_dir: str) -> str | None:
 
 
 def rng_state() -> dict:
+    """This process's generators, and the model-parallel one for dropout on tensor-parallel shards
+    (parallel/rng.py), which differs per tensor-parallel rank: saved per rank (``rng_rank{r}.pt``)."""
+    from ..parallel.rng import model_parallel_rng
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if (tracker := model_parallel_rng()) is not None:
+        state["model_parallel"] = tracker.state_dict()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    from ..parallel.rng import model_parallel_rng
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    tracker = model_parallel_rng()
+    if tracker is None:
+        return
+    if "model_parallel" not in state:
+        warnings.warn("the checkpoint holds no tensor-parallel dropout generator (written without tensor "
+                      "parallelism or dropout): this rank keeps its freshly seeded one")
+        return
+    try:
+        tracker.load_state_dict(state["model_parallel"])
+    except ValueError as err:
+        warnings.warn(f"tensor-parallel dropout generator not restored ({err}): this rank keeps its freshly "
+                      f"seeded one")
 
 
 def write_checkpoint(directory: str, state_dicts: dict[str, dict], trainer_state: dict, *,
@@ -111,17 +155,178 @@ def write_checkpoint(directory: str, state_dicts: dict[str, dict], trainer_state
                 before_commit(tmp)
             _write_small_files(tmp, trainer_state, files, extra)
         return directory
-    tmp = sibling(directory, "tmp")
-    dcp.save(state_dicts, checkpoint_id=tmp)
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
-    barrier()
-    if before_commit is not None:
-        before_commit(tmp)
-    if info.is_main:
-        _write_small_files(tmp, trainer_state, files, extra)
-        swap_folder(tmp, directory)
-    barrier()
+    begin_checkpoint(directory, state_dicts, trainer_state, info=info, files=files, extra=extra,
+                     before_commit=before_commit).commit()
     return directory
+
+
+@dataclass(kw_only=True, frozen=True)
+class SaveTimes:
+    """How long one checkpoint took: seconds since its save began, by this rank's clock
+    (``written_s``: the slowest rank's)."""
+
+    path: str
+    staged_s: float
+    """Until this rank's shards were copied to host memory and training could go on (a synchronous
+    save: until they were on disk)."""
+    written_s: float
+    """Until the last rank's shards (and rank 0's ``.metadata``) were on disk."""
+    committed_s: float
+    """Until the folder was complete and in place."""
+    blocked_s: float
+    """What the training loop spent on it: staging, waiting for the write at the commit, the commit."""
+    background: bool
+    """Written by a thread while training went on (``checkpoint.async_save``)."""
+
+
+class _Stager(DefaultStager):
+    """``DefaultStager`` for DTensors and plain tensors (their storages copied to host memory, which it
+    keeps for the next save), and host copies of the local shards for ShardedTensor values (DeepSpeed's
+    partitions), which it cannot copy itself."""
+
+    def stage(self, state_dict, **kwargs):
+        sharded: dict[tuple, ShardedTensor] = {}
+
+        def without_sharded(tree, path: tuple):
+            if isinstance(tree, ShardedTensor):
+                sharded[path] = tree
+                return None
+            if isinstance(tree, dict):
+                return {key: without_sharded(value, path + (key,)) for key, value in tree.items()}
+            return tree
+
+        staged = super().stage(without_sharded(state_dict, ()), **kwargs)
+        for path, tensor in sharded.items():
+            parent = staged
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = _host_copy(tensor)
+        return staged
+
+
+def _host_copy(tensor: ShardedTensor) -> ShardedTensor:
+    """The same ShardedTensor with this rank's shards copied to (unpinned) host memory and placed there."""
+    cpu = torch.device("cpu")
+    metadata = copy.deepcopy(tensor.metadata())
+    metadata.tensor_properties.pin_memory = False
+    for shard_metadata in metadata.shards_metadata:
+        shard_metadata.placement._device = cpu  # as ShardedTensor.cpu() relabels them
+    shards = []
+    for shard in tensor.local_shards():
+        shard_metadata = copy.deepcopy(shard.metadata)
+        shard_metadata.placement._device = cpu
+        local = shard.tensor.detach().to(cpu, copy=True).requires_grad_(metadata.tensor_properties.requires_grad)
+        shards.append(Shard(tensor=local, metadata=shard_metadata))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, metadata,
+                                                                     process_group=tensor._process_group)
+
+
+class BackgroundWriter:
+    """What the background saves of one process share. DCP runs its collectives (the save plan, the
+    final gather for ``.metadata``) in the writer thread: they get their own gloo group of every rank,
+    because the ranks must issue a group's collectives in the same order and the training loop's run
+    on the default group at the same time, and because DCP needs a CPU-capable group where the default
+    one is NCCL. The stager keeps its host copies for the next save (pinned on CUDA, so device-to-host
+    copies run at full speed); a save reuses them only after the previous one was committed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.group = dist.new_group(backend="gloo")  # collective: every rank creates it at the same save
+        self.stager = _Stager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
+                                             use_async_staging=False, use_non_blocking_copy=False))
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+class CheckpointWrite:
+    """A checkpoint folder whose shards are being written (``begin_checkpoint``) and that ``commit``
+    completes. Everything that describes the step (``trainer_state``, this rank's RNG state) is
+    captured when the save begins, so a commit some steps later writes the saved step's values."""
+
+    def __init__(self, *, directory: str, trainer_state: dict, info: DistInfo, files: Mapping[str, str] | None,
+                 extra: Mapping[str, object] | None, before_commit: Callable[[str], None] | None,
+                 rng: dict, future: Future | None, started: float) -> None:
+        self.directory, self.tmp = directory, sibling(directory, "tmp")
+        self.trainer_state, self.info = trainer_state, info
+        self.files, self.extra, self.before_commit = files, extra, before_commit
+        self.rng = rng
+        self.future, self.started = future, started
+        self.staged_s = time.perf_counter() - started
+        self._written_at: float | None = None if future is not None else time.perf_counter()
+        if future is not None:
+            future.add_done_callback(self._on_written)
+
+    def _on_written(self, _future: Future) -> None:  # in the writer thread, as it finishes
+        self._written_at = time.perf_counter()
+
+    @property
+    def background(self) -> bool:
+        return self.future is not None
+
+    def written_here(self) -> bool:
+        """This rank's shards are on disk (or their write failed); no collective."""
+        return self.future is None or self.future.done()
+
+    def commit(self) -> SaveTimes:
+        """Collective, on every rank: wait for this rank's write, then (all written) ``before_commit``,
+        rank 0 writes the small files and renames the folder into place. A failed write on any rank
+        raises on every rank and leaves the folder incomplete."""
+        error: BaseException | None = None
+        waited_from = time.perf_counter()
+        if self.future is not None:
+            try:
+                self.future.result()
+            except Exception as err:  # raised below, after the other ranks learned of it
+                error = err
+        done = time.perf_counter()
+        if error is None:
+            torch.save(self.rng, os.path.join(self.tmp, f"rng_rank{self.info.rank}.pt"))
+        # A done callback runs just after ``result()`` returns: a missing time is "now".
+        written_s = (self._written_at or done) - self.started
+        failed, written_s = _max_over_ranks([float(error is not None), written_s], self.info.device)
+        if failed:  # every rank raises: none waits in a collective for a rank that gave up
+            raise error if error is not None else RuntimeError(
+                f"checkpoint {self.directory}: another rank failed to write its shards")
+        if self.before_commit is not None:
+            self.before_commit(self.tmp)
+        if self.info.is_main:
+            _write_small_files(self.tmp, self.trainer_state, self.files, self.extra)
+            swap_folder(self.tmp, self.directory)
+        barrier()
+        committed = time.perf_counter()
+        return SaveTimes(path=self.directory, staged_s=self.staged_s, written_s=written_s,
+                         committed_s=committed - self.started,
+                         blocked_s=self.staged_s + (committed - waited_from) if self.background
+                         else committed - self.started, background=self.background)
+
+
+def begin_checkpoint(directory: str, state_dicts: dict[str, dict], trainer_state: dict, *, info: DistInfo,
+                     files: Mapping[str, str] | None = None, extra: Mapping[str, object] | None = None,
+                     before_commit: Callable[[str], None] | None = None,
+                     background: BackgroundWriter | None = None, started: float | None = None) -> CheckpointWrite:
+    """Every rank: start writing the checkpoint folder ``directory`` (arguments as in
+    ``write_checkpoint``) under ``.tmp-NAME``; ``commit()`` the result to complete it. ``background``
+    None: the shards are on disk when this returns. Otherwise this rank's shards (its own: DTensor and
+    ShardedTensor values stage their local shards only) are copied to host memory and a thread writes
+    them. ``started``: when the save began (``time.perf_counter()``), for ``SaveTimes``."""
+    started = time.perf_counter() if started is None else started
+    tmp = sibling(directory, "tmp")
+    rng = rng_state()
+    future = None
+    if background is None:
+        dcp.save(state_dicts, checkpoint_id=tmp)
+    else:
+        future = dcp.async_save(state_dicts, checkpoint_id=tmp, process_group=background.group,
+                                async_stager=background.stager)
+    return CheckpointWrite(directory=directory, trainer_state=trainer_state, info=info, files=files, extra=extra,
+                           before_commit=before_commit, rng=rng, future=future, started=started)
+
+
+def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def _write_small_files(folder: str, trainer_state: dict, files: Mapping[str, str] | None,
@@ -151,10 +356,20 @@ def write_model_checkpoint(directory: str, model: GPT, tokenizer_path: str, stat
 
 
 class CheckpointManager:
-    def __init__(self, directory: str, keep_last: int, info: DistInfo) -> None:
+    """The checkpoints of one run directory, on every rank: saves (in the background when
+    ``async_save``; at most one pending), the newest complete one, pruning to ``keep_last``."""
+
+    def __init__(self, directory: str, keep_last: int, info: DistInfo, *, async_save: bool = False) -> None:
         self.dir = directory
         self.keep_last = keep_last
         self.info = info
+        self.async_save = async_save
+        """Write in the background (``checkpoint.async_save``); False: ``save`` returns once complete."""
+        self.saves: list[SaveTimes] = []
+        """The checkpoints this process committed, oldest first."""
+        self.pending: CheckpointWrite | None = None
+        """The background save not yet committed."""
+        self._writer: BackgroundWriter | None = None
         if info.is_main:
             os.makedirs(directory, exist_ok=True)
             for name in os.listdir(directory):
@@ -180,23 +395,63 @@ class CheckpointManager:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
              engine=None, files: dict[str, str] | None = None,
              before_commit: Callable[[str], None] | None = None) -> str:
-        """``files``: name -> path of small files copied in (the tokenizer), so a checkpoint is usable
-        on its own (generation, export). ``before_commit(tmp_dir)`` runs on every rank once every rank's
-        shards are written, before the checkpoint is made complete (callbacks' ``on_checkpoint_written``)."""
+        """Save ``step`` (collective). ``files``: name -> path of small files copied in (the tokenizer), so
+        a checkpoint is usable on its own (generation, export). ``before_commit(tmp_dir)`` runs on every
+        rank once every rank's shards are written, before the checkpoint is made complete (callbacks'
+        ``on_checkpoint_written``). With ``async_save`` the previous background save is committed
+        first and this one returns once staged: ``poll``/``wait`` complete it."""
         final = os.path.join(self.dir, f"step_{step:08d}")
+        self.wait()
         if is_complete(final):
             return final
-        if engine is not None:  # DeepSpeed: gathered to named full tensors, the same files as any layout
+        started = time.perf_counter()
+        if engine is not None:  # DeepSpeed: by parameter name, the same files as any layout
             model_sd, optim_sd = deepspeed_engine.full_state_dicts(engine, model, step)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
-        write_checkpoint(final, {"model": model_sd, "optim": optim_sd}, trainer_state | {"step": step},
-                         files=files, info=self.info, before_commit=before_commit)
-        if self.info.is_main:
+        if self.async_save and self._writer is None:
+            self._writer = BackgroundWriter(self.info.device)
+        write = begin_checkpoint(final, {"model": model_sd, "optim": optim_sd}, trainer_state | {"step": step},
+                                 info=self.info, files=files, before_commit=before_commit,
+                                 background=self._writer if self.async_save else None, started=started)
+        if write.background:
+            self.pending = write
+        else:
+            self._commit(write)
+        return final
+
+    def poll(self) -> SaveTimes | None:
+        """Collective while a save is pending: commit it if every rank's write is done (else return
+        None at once). Called after each step: a checkpoint is complete at the end of the first step
+        after its last rank finished writing."""
+        if self.pending is None:
+            return None
+        (busy,) = all_reduce_sum([0.0 if self.pending.written_here() else 1.0], self.info.device)
+        return self.wait() if busy == 0 else None
+
+    def wait(self) -> SaveTimes | None:
+        """Collective while a save is pending: wait for its write and commit it."""
+        if self.pending is None:
+            return None
+        write, self.pending = self.pending, None
+        return self._commit(write)
+
+    def _commit(self, write: CheckpointWrite) -> SaveTimes:
+        times = write.commit()
+        self.saves.append(times)
+        if self.info.is_main:  # only now: the older ones are the newest complete ones until this commit
             for _, old in self.complete_steps()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
-        return final
+        return times
+
+    def close(self) -> None:
+        """Release the stager. A save still pending here (training raised: other ranks may be gone,
+        so no collective) is left uncommitted; its ``.tmp-`` folder is removed at the next start."""
+        self.pending = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def load(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, model_shape: dict,
              engine=None) -> dict:

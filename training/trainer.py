@@ -39,6 +39,7 @@ from .callbacks.validation import Validation
 from .checkpoint import CheckpointManager, tokenizer_file_name
 from .data import build_gpt_datasets
 from .job import ResolvedJob
+from .resume_check import check_resume, read_trainer_state, resume_identity
 from .steps import StepContext, micro_batches, train_step
 
 
@@ -114,7 +115,8 @@ class Trainer:
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self._build_model()
         self._build_optimizer()
-        self.ckpt = CheckpointManager(job.checkpoint_dir, self.cfg.checkpoint.keep_last, self.info)
+        self.ckpt = CheckpointManager(job.checkpoint_dir, self.cfg.checkpoint.keep_last, self.info,
+                                      async_save=self.cfg.checkpoint.async_save)
         self.resumed_from = self._resume()
         self.datasets = self._build_datasets()
         self.ctx = StepContext(module=self.module, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
@@ -184,6 +186,8 @@ class Trainer:
                              f"use --resume auto, or another run.dir")
         path = latest if resume == "auto" else (None if resume == "none" else resume)
         if path is not None:
+            for change in check_resume(path, read_trainer_state(path), self.job):
+                self.log(f"resuming with a change checkpoint.allow_changes accepts: {change}")
             self.state.load(self.ckpt, path, self.job.model.shape_dict())
             self.log(f"resumed from {path} at step {self.state.step} ({self.state.tokens_seen} tokens)")
         return path
@@ -193,7 +197,7 @@ class Trainer:
         return build_gpt_datasets(
             paths=[s.path for s in data.sources], weights=[s.weight for s in data.sources], split=data.split,
             seq_len=job.seq_len, seed=data.seed, vocab_size=job.model.vocab_size, eod=job.tokenizer_eod,
-            train_samples=job.train_samples, valid_samples=t.eval_samples if t.eval_interval > 0 else 0,
+            valid_samples=t.eval_samples if t.eval_interval > 0 else 0,
             cache_dir=job.cache_dir)
 
     def checkpoint_metadata(self) -> dict:
@@ -201,7 +205,7 @@ class Trainer:
         job = self.job
         return {"model_shape": job.model.shape_dict(), "world_size": self.info.world_size,
                 "config": job.flat_params(), "model_config": dataclasses.asdict(job.model),
-                "tokenizer_sha256": job.tokenizer_sha}
+                "tokenizer_sha256": job.tokenizer_sha, "resume_identity": resume_identity(job)}
 
     def save_checkpoint(self) -> str:
         """A checkpoint of the current step (on every rank: the save is collective)."""
