@@ -14,8 +14,11 @@
 # than a step plus a save loses the steps since the previous checkpoint. For a longer lead, pass both:
 #   GPTFORGE_SIGNAL_LEAD=900 CONFIG=... sbatch --signal=TERM@900 launcher/run.sh
 # (an #SBATCH line cannot read variables; sbatch's own --signal overrides it). SLURM may send the signal
-# up to a minute earlier than asked, never later. torchrun exits 1 after it forwarded a signal, even
-# when its ranks stopped cleanly, so such a job ends FAILED; its log says "stop requested by signal".
+# up to a minute earlier than asked, never later. torchrun alone exits 1 after it forwarded a signal,
+# however its ranks ended; the agent here is launcher/torchrun.py, which exits 0 instead when every rank
+# of its node stopped cleanly with its checkpoint complete, so such a job ends COMPLETED (afterok
+# dependents start; resubmit to continue) and its log says "stop requested by signal". A rank that did
+# not stop cleanly in the grace still fails the job.
 #SBATCH --job-name=gptforge
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -50,7 +53,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "gptforge: ${SLURM_NNODES:-1} node(s) x ${NPROC_PER_NODE} rank(s), rendezvous ${HEAD_NODE}:${PORT}, config ${CONFIG}"
 echo "gptforge: on the time-limit signal (expected ${SIGNAL_LEAD} s before the limit) the ranks get ${STOP_GRACE} s to save"
 cd "$REPO"
-srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
+srun --kill-on-bad-exit=1 "$PYTHON" -m gptforge.launcher.torchrun \
   --nnodes "${SLURM_NNODES:-1}" --nproc-per-node "$NPROC_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "${HEAD_NODE}:${PORT}" --rdzv-id "${SLURM_JOB_ID:-0}" \
   --shutdown-timeout "$STOP_GRACE" \

@@ -1,9 +1,9 @@
 """Stops for a time limit and background checkpoint saves, under torchrun with two gloo ranks on the CPU.
 
-SLURM's ``--signal=TERM@...`` reaches each node's torchrun agent (``launcher/run.sh``); the agent forwards
-it to its ranks at once and kills them ``--shutdown-timeout`` seconds later. In that grace the ranks
-finish the step, vote to stop, save that step and complete the checkpoint (a background save too),
-then exit. Resuming continues the same training exactly: every run here has the same losses as one
+SLURM's ``--signal=TERM@...`` reaches each node's torchrun agent (``launcher/run.sh``, through
+``launcher/torchrun.py``); the agent forwards it to its ranks at once and kills them ``--shutdown-timeout``
+seconds later. In that grace the ranks finish the step, vote to stop, save that step and complete the
+checkpoint (a background save too), then exit, and the agent exits 0. Resuming continues the same training exactly: every run here has the same losses as one
 uninterrupted run, bit for bit (same ranks, same reduction order: deterministic by construction).
 """
 
@@ -13,6 +13,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -20,7 +22,7 @@ import yaml
 
 from helpers.corpus import base_config
 from helpers.distributed import run_distributed
-from helpers.launch import TESTS_DIR, losses, run_train, train_cmd
+from helpers.launch import TESTS_DIR, free_port, losses, run_train, train_cmd
 
 pytestmark = pytest.mark.dist
 
@@ -69,8 +71,8 @@ def test_sigterm_to_torchrun_agent_saves_the_step_and_resumes_exactly(reference,
                      checkpoint={"interval": 1000, "async_save": True})
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=TESTS_DIR)
     cmd = train_cmd(cfg, nproc=2)
-    at = cmd.index("torch.distributed.run") + 1
-    cmd[at:at] = ["--shutdown-timeout", "120"]  # the grace launcher/run.sh sets: here ample
+    at = cmd.index("torch.distributed.run")
+    cmd[at:at + 1] = ["gptforge.launcher.torchrun", "--shutdown-timeout", "120"]  # as launcher/run.sh: ample grace
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 300
@@ -84,10 +86,11 @@ def test_sigterm_to_torchrun_agent_saves_the_step_and_resumes_exactly(reference,
     finally:
         if agent.poll() is None:
             agent.kill()
-    # The ranks stopped on their own, within the agent's grace: none was killed. (torchrun itself exits 1:
-    # it re-raises the signal once its ranks are gone, however they ended.)
+    # The ranks stopped on their own, within the agent's grace: none was killed, and the wrapper turned
+    # torchrun's re-raised signal into exit 0.
     assert "forcefully exiting" not in err and "Unable to shutdown" not in err, err[-4000:]
-    assert agent.returncode == 1 and "SignalException" in err, err[-4000:]
+    assert agent.returncode == 0, err[-4000:]
+    assert "all 2 local ranks stopped cleanly with their checkpoint complete: exiting 0" in err, err[-4000:]
     assert "SIGTERM received" in out and "stop requested by signal" in out, out[-4000:] + err[-4000:]
     stopped = json.loads((run_dir / "summary.json").read_text())["final_step"]
     assert 3 <= stopped < MAX_STEPS and last_logged_step(run_dir) == stopped
@@ -101,6 +104,50 @@ def test_sigterm_to_torchrun_agent_saves_the_step_and_resumes_exactly(reference,
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'}" in proc.stdout
     assert losses(run_dir) == reference
+
+
+# Each worker: rank 0 reports a clean stop on SIGTERM, rank 1 does not (it exits 0 all the same, as a rank
+# could that stopped without its checkpoint).
+_HALF_STOPPING_WORKER = textwrap.dedent("""
+    import os, signal, sys, time
+    from gptforge.training.callbacks.signals import STOP_REPORT_ENV, stop_marker
+
+    rank, folder = int(os.environ["LOCAL_RANK"]), os.environ[STOP_REPORT_ENV]
+
+    def stop(signum, frame):
+        if rank == 0:
+            open(stop_marker(folder, rank), "w").close()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    with open(os.path.join(sys.argv[1], f"ready{rank}"), "w") as f:
+        f.write(folder)
+    while True:
+        time.sleep(0.05)
+""")
+
+
+def test_sigterm_to_torchrun_agent_fails_unless_every_rank_reports_a_clean_stop(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_HALF_STOPPING_WORKER)
+    cmd = [sys.executable, "-m", "gptforge.launcher.torchrun", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), "--shutdown-timeout", "60", str(script), str(tmp_path)]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    ready = [tmp_path / f"ready{rank}" for rank in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(p.exists() for p in ready) and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.poll() is None and all(p.exists() for p in ready), "the workers did not start"
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 1 and "SignalException" in err, err[-4000:]
+    assert "1 of 2 local ranks stopped cleanly" in err, err[-4000:]
+    assert not os.path.exists(ready[0].read_text())  # the agent's report folder is gone
 
 
 def test_crash_while_a_background_save_is_written_keeps_the_previous_checkpoint(reference, tmp_path,
