@@ -46,8 +46,10 @@ from .steps import StepContext, micro_batches, train_step
 def build_optimizer(model: torch.nn.Module, job: ResolvedJob) -> torch.optim.AdamW:
     """AdamW; decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm gains."""
     o = job.job.optim
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # By full shape: a ZeRO-3 parameter built partitioned has an empty (1-D) tensor of its own.
+    dims = {p: len(deepspeed_engine.param_shape(p)) for p in model.parameters() if p.requires_grad}
+    decay = [p for p, dim in dims.items() if dim >= 2]
+    no_decay = [p for p, dim in dims.items() if dim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=job.schedule.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
