@@ -9,10 +9,12 @@ the data pipeline, DeepSpeed's own start-up), and also the tiny model's bytes, s
 planner's prediction at the measured shape minus its prediction at the tiny one, phase by phase and rank
 by rank (a pipeline rank with its stage). On CPU host and device memory are one: the save is compared with
 the planner's device save plus its host staging (the asynchronous save's copy of the rank's shards).
-Bytes per parameter divide a rank's largest measured phase by the whole model's parameters.
+Bytes per parameter divide a rank's largest measured phase by the whole model's parameters: device
+memory, so on CPU without the save, whose peak there also holds the host staging.
 
 Layouts are names of dash-separated parts: ``zeroN``, ``tpN``, ``ppN``, ``dpN``, ``ds`` (the DeepSpeed
-engine; FSDP otherwise) and ``defer`` (``parallel.defer_grad_reduce``), e.g. ``zero3-dp8``, ``zero3-tp2-dp4``,
+engine; FSDP otherwise), ``defer`` (``parallel.defer_grad_reduce``) and ``linear`` (``parallel.fsdp_unit:
+linear``), e.g. ``zero3-dp8``, ``zero3-tp2-dp4``,
 ``pp2-dp4``, ``ds-zero3-dp8``.
 
     .venv/bin/python bench/memory.py                 # gpt3-125m with a 2,048-token vocabulary: 88M parameters
@@ -77,10 +79,12 @@ def parse_layout(name: str) -> Layout:
             parallel["zero_engine"] = "deepspeed"
         elif part == "defer":
             parallel["defer_grad_reduce"] = True
+        elif part == "linear":
+            parallel["fsdp_unit"] = "linear"
         elif key in ("zero", "tp", "pp", "dp") and value:
             parallel["zero_stage" if key == "zero" else key] = int(value)
         else:
-            raise SystemExit(f"--layouts: unknown part {part!r} in {name!r} (zeroN, tpN, ppN, dpN, ds, defer)")
+            raise SystemExit(f"--layouts: unknown part {part!r} in {name!r} (zeroN, tpN, ppN, dpN, ds, defer, linear)")
     if "dp" not in parallel:
         raise SystemExit(f"--layouts: {name!r} needs a dpN part")
     if parallel.get("tp", 1) > 1:
@@ -209,6 +213,9 @@ def measure_layout(layout: Layout, preset: str, overrides: dict, work: Work, wor
     plan_target = planned_bytes(target, layout, work, on_cuda)
     plan_tiny = planned_bytes(tiny, layout, work, on_cuda)
     n_params = param_counts(target).total(target.n_layer)
+    # Bytes per parameter are device memory per rank. On CPU the save's peak also holds the asynchronous
+    # save's host staging (host memory on a GPU machine), so there it is left out of that figure.
+    device_phases = PHASES if on_cuda else tuple(p for p in PHASES if p != "save")
     ranks = []
     for measured, baseline in zip(runs["measured"], runs["baseline"]):
         stage = measured["pp_rank"]
@@ -218,7 +225,7 @@ def measure_layout(layout: Layout, preset: str, overrides: dict, work: Work, wor
         ratio = {phase: delta[phase] / planned[phase] if planned[phase] > 0 else None for phase in PHASES}
         ranks.append({"rank": measured["rank"], "stage": stage, "measured_bytes": got, "baseline_bytes": base,
                       "delta_bytes": delta, "planned_delta_bytes": planned, "measured_over_planned": ratio,
-                      "bytes_per_param": max(delta.values()) / n_params,
+                      "bytes_per_param": max(delta[p] for p in device_phases) / n_params,
                       "peak_reset": measured["reset"] and baseline["reset"]})
     return {"layout": layout.name, "parallel": layout.parallel, "world_size": layout.world_size,
             "memory": "cuda max_memory_allocated" if on_cuda else "host peak RSS (VmHWM)",

@@ -120,9 +120,9 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
     if pipeline_ranks is not None:  # replicas: the runner averages gradients after each schedule
         runner = PipelineRunner(model, dims, pipeline_ranks, device, dims.pp_schedule)
         if dims.fsdp:
-            runner.shard(mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision))
+            runner.shard(mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision), dims.fsdp_unit)
     elif dims.fsdp:
-        shard_model(model, mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision))
+        shard_model(model, mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision), dims.fsdp_unit)
     model.to_empty(device=device)
     init_local_shards(model, seed)
     if runner is not None or dims.deepspeed or dims.fsdp:
@@ -136,14 +136,39 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
     return model, None
 
 
-def shard_model(model: GPT, dp_mesh, reshard_after_forward: bool, mp_policy) -> None:
-    """FSDP2 over the data-parallel ranks: each block one unit, the root the rest (embeddings, final
-    LayerNorm). ``reshard_after_forward``: ZeRO-3 frees gathered parameters after forward, ZeRO-2 keeps them."""
+def shard_block(block: nn.Module, unit: str, **fsdp_kwargs) -> None:
+    """FSDP2 units of one block (``parallel.fsdp_unit``): the block, after each of its linear layers
+    with ``linear`` (bottom-up, so the block's unit keeps only what is left: its LayerNorms)."""
     from torch.distributed.fsdp import fully_shard
 
+    if unit == "linear":
+        for module in block.modules():
+            if isinstance(module, nn.Linear):
+                fully_shard(module, **fsdp_kwargs)
+    fully_shard(block, **fsdp_kwargs)
+
+
+def shard_position_embedding(embedding: nn.Module | None, unit: str, **fsdp_kwargs) -> None:
+    """With ``fsdp_unit: linear`` the position embedding is a unit too, gathered only at the two ends of
+    the step; otherwise it stays in the root unit. (The token embedding always stays in the root: the tied
+    output projection reads its weight outside the embedding's own forward.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    if unit == "linear" and embedding is not None:
+        fully_shard(embedding, **fsdp_kwargs)
+
+
+def shard_model(model: GPT, dp_mesh, reshard_after_forward: bool, mp_policy, unit: str = "block") -> None:
+    """FSDP2 over the data-parallel ranks: each block (or each of its linear layers and the position
+    embedding, ``unit``) one unit, the root the rest (embeddings, final LayerNorm).
+    ``reshard_after_forward``: ZeRO-3 frees gathered parameters after forward, ZeRO-2 keeps them."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": mp_policy}
     for block in model.blocks.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+        shard_block(block, unit, **kwargs)
+    shard_position_embedding(model.pos_embeddings, unit, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def no_grad_sync(module: nn.Module, dims: ParallelDims):

@@ -45,3 +45,9 @@ class ParallelConfig:
     last (fewer collectives, but every rank holds the whole model's gradients in the parameter dtype
     until the step ends; the planner counts it). Default: reduce-scatter after every micro-batch, so
     gradients stay sharded (torchtitan's default)."""
+    fsdp_unit: Literal["block", "linear"] = "block"
+    """FSDP: what one unit (one all-gather, one reduce-scatter) covers. ``block``: a transformer block
+    (torchtitan's wrapping; fewest collectives). ``linear``: every linear layer of a block its own unit
+    and the block the rest (its LayerNorms), so at most about two FFN matrices (4 d^2 each) are gathered
+    and one has an unsharded gradient at a time instead of two whole blocks (12 d^2 each): for few-layer
+    models, or many data-parallel ranks, where those transients rival the shard (docs/parallelism.md)."""

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard import sharded_tensor
 from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
 
 from .dims import ParallelDims
@@ -31,22 +32,33 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 _STATES = (None, *ADAM_MOMENTS)
 
 
-ZERO_BUFFERS = {"reduce_bucket_size": 2**25, "allgather_bucket_size": 2**25}
-"""Elements per gradient-reduction / all-gather bucket (128 MiB in fp32). DeepSpeed's default of 5e8
-elements is a 2 GB fp32 bucket per rank, whatever the model's size."""
-ZERO3_GATHERS = {"stage3_prefetch_bucket_size": 2**24, "stage3_max_reuse_distance": 0,
-                 "stage3_max_live_parameters": 2**26}
-"""ZeRO-3: release each gathered parameter after its use (reuse distance 0, as FSDP's ZeRO-3 reshards
-after forward), prefetch at most 16M elements ahead, at most 64M gathered at once. DeepSpeed's default
-reuse distance (1e9 elements) keeps every parameter used in forward gathered until backward: at the
-125M shape the whole model per rank (measured: 14.7 bytes/param per rank at dp8, docs/benchmarks.md)."""
+MIN_BUCKET = 2**20
+"""The smallest bucket in elements (4 MiB in fp32): below it tiny models make many tiny collectives."""
 
 
-def deepspeed_config(*, dims: ParallelDims, micro_batch: int, global_batch: int, precision: str,
+def zero_buffers(d_model: int, zero_stage: int) -> dict:
+    """The bucket and gathering limits of ``zero_optimization``, scaled with the model's width the way
+    Hugging Face Transformers fills DeepSpeed's ``auto`` values: d^2 elements per gradient-reduction and
+    all-gather bucket, 0.9 d^2 prefetched, parameters under 10 d elements kept gathered (biases and
+    LayerNorms). DeepSpeed's defaults are absolute: a 5e8-element reduce bucket is 2 GB of fp32 per rank
+    whatever the model. ZeRO-3 also releases each gathered parameter after its use (reuse distance 0, as
+    FSDP's ZeRO-3 reshards after forward; DeepSpeed's default of 1e9 keeps every parameter used in forward
+    gathered until backward, the whole 125M model per rank: 14.7 bytes/param measured at dp8,
+    docs/benchmarks.md), with at most two blocks' worth (24 d^2) live."""
+    bucket = max(d_model * d_model, MIN_BUCKET)
+    zero: dict = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if zero_stage == 3:
+        zero |= {"stage3_prefetch_bucket_size": max(9 * d_model * d_model // 10, MIN_BUCKET),
+                 "stage3_param_persistence_threshold": 10 * d_model,
+                 "stage3_max_reuse_distance": 0,
+                 "stage3_max_live_parameters": max(24 * d_model * d_model, MIN_BUCKET)}
+    return zero
+
+
+def deepspeed_config(*, dims: ParallelDims, d_model: int, micro_batch: int, global_batch: int, precision: str,
                      grad_clip: float) -> dict:
-    zero: dict = {"stage": dims.zero_stage, **ZERO_BUFFERS}
-    if dims.zero_stage == 3:
-        zero |= ZERO3_GATHERS
+    """The engine's config for a layout and a model of width ``d_model`` (``zero_buffers``)."""
+    zero: dict = {"stage": dims.zero_stage, **zero_buffers(d_model, dims.zero_stage)}
     if dims.optimizer_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
@@ -216,18 +228,21 @@ class _Layout:
     shape: tuple[int, ...]
     spec: EnumerableShardingSpec
     local: list[tuple[int, int]]
+    local_meta: list[ShardMetadata]
+    """This rank's boxes, in the order of ``local``."""
 
 
 def _layout(shape: tuple[int, ...], fragments: tuple[Fragment, ...], rank: int) -> _Layout:
-    shards, local = [], []
+    shards, local, local_meta = [], [], []
     for r, frag in enumerate(fragments):
         for flat, offsets, sizes in flat_range_boxes(shape, frag.start, frag.start + frag.numel):
             shards.append(ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes),
                                         placement=f"rank:{r}/cpu"))
             if r == rank:
                 local.append((flat - frag.start, math.prod(sizes)))
+                local_meta.append(shards[-1])
     # The spec checks once here that the boxes tile the parameter; tensors made from it do not again.
-    return _Layout(shape=shape, spec=EnumerableShardingSpec(shards), local=local)
+    return _Layout(shape=shape, spec=EnumerableShardingSpec(shards), local=local, local_meta=local_meta)
 
 
 def _layouts(model: torch.nn.Module) -> dict[str, _Layout]:
@@ -251,11 +266,20 @@ def _empty_sharded(layout: _Layout) -> ShardedTensor:
 
 
 def _to_sharded(layout: _Layout, fragment: torch.Tensor) -> ShardedTensor:
-    """A ShardedTensor whose local shards hold a copy of this rank's ``fragment`` [numel]."""
-    sharded = _empty_sharded(layout)
-    for shard, (offset, numel) in zip(sharded.local_shards(), layout.local):  # both in the spec's order
-        shard.tensor.view(-1).copy_(fragment[offset:offset + numel])
-    return sharded
+    """A ShardedTensor over this rank's ``fragment`` [numel]: its local shards are views of the fragment
+    where it is a contiguous fp32 CPU tensor (so a save holds no second copy of the rank's state beside
+    the asynchronous save's staging), copies on the CPU otherwise (a GPU partition)."""
+    if not (fragment.device.type == "cpu" and fragment.dtype == torch.float32 and fragment.is_contiguous()):
+        sharded = _empty_sharded(layout)
+        for shard, (offset, numel) in zip(sharded.local_shards(), layout.local):  # both in the spec's order
+            shard.tensor.view(-1).copy_(fragment[offset:offset + numel])
+        return sharded
+    fragment = fragment.detach()  # a view: ZeRO-1/2's fp32 partition is a parameter
+    shards = [Shard(tensor=fragment[offset:offset + numel].view(meta.shard_sizes), metadata=meta)
+              for (offset, numel), meta in zip(layout.local, layout.local_meta)]
+    metadata = layout.spec.build_metadata(torch.Size(layout.shape), TensorProperties(dtype=torch.float32))
+    # No collective: the spec was checked once when the layout was built from every rank's fragments.
+    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, metadata, sharding_spec=layout.spec)
 
 
 def _from_sharded(layout: _Layout, sharded: ShardedTensor, numel: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 RECOMPUTE_MODES = ("none", "selective", "full")
 """Cheapest in memory last: the planner ranks layouts in this order."""
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+FSDP_UNITS = ("block", "linear")
 ZERO_ENGINES = ("fsdp", "deepspeed")
 CONFIG_NAMES = {field.name: f"parallel.{field.name}" for field in dataclasses.fields(ParallelConfig)}
 """Field -> its config key, the default way errors name a value."""
@@ -44,6 +45,8 @@ def value_errors(cfg: ParallelConfig, names: Mapping[str, str] = CONFIG_NAMES) -
         errors.append(f"{name('zero_engine')} must be 'fsdp' or 'deepspeed', got {cfg.zero_engine!r}")
     if cfg.recompute not in RECOMPUTE_MODES:
         errors.append(f"{name('recompute')} must be one of {', '.join(RECOMPUTE_MODES)}, got {cfg.recompute!r}")
+    if cfg.fsdp_unit not in FSDP_UNITS:
+        errors.append(f"{name('fsdp_unit')} must be 'block' or 'linear', got {cfg.fsdp_unit!r}")
     if cfg.pp_schedule not in PP_SCHEDULES:
         errors.append(f"{name('pp_schedule')} must be 'gpipe', '1f1b' or 'interleaved-1f1b', got {cfg.pp_schedule!r}")
     return errors
@@ -104,6 +107,10 @@ class ParallelDims(ParallelConfig):
             errors.append(f"{name('optimizer_offload')} needs {name('zero_engine')}=deepspeed")
         if self.defer_grad_reduce and not self.fsdp:
             errors.append(f"{name('defer_grad_reduce')} needs FSDP ({name('zero_engine')}=fsdp with "
+                          f"{name('zero_stage')} 2 or 3), got {name('zero_engine')}={self.zero_engine} with "
+                          f"{name('zero_stage')} {zero}")
+        if self.fsdp_unit != "block" and not self.fsdp:
+            errors.append(f"{name('fsdp_unit')} '{self.fsdp_unit}' needs FSDP ({name('zero_engine')}=fsdp with "
                           f"{name('zero_stage')} 2 or 3), got {name('zero_engine')}={self.zero_engine} with "
                           f"{name('zero_stage')} {zero}")
         if self.pp_schedule == "interleaved-1f1b" and self.virtual_stages < 2:

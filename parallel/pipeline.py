@@ -134,17 +134,23 @@ class PipelineRunner:
         self._schedules: dict[int, object] = {}
         self._loss_scale = 1.0
 
-    def shard(self, dp_mesh, reshard_after_forward: bool, mp_policy) -> None:
+    def shard(self, dp_mesh, reshard_after_forward: bool, mp_policy, unit: str = "block") -> None:
         """FSDP2 over the data-parallel ranks (zero_stage 2/3), on the meta rank model before it is
-        materialised: every block of every local stage, then each stage view as the unit of its
-        remaining parameters. Gradients come out reduce-scattered (averaged over dp) by the schedule's
-        backwards (``_stage_class``), so ``average_over_dp`` has nothing to do."""
+        materialised: every block of every local stage (``unit``: see ``apply.shard_block``), then each
+        stage view as the unit of its remaining parameters. Gradients come out reduce-scattered
+        (averaged over dp) by the schedule's backwards (``_stage_class``), so ``average_over_dp`` has
+        nothing to do."""
         from torch.distributed.fsdp import fully_shard
 
+        from .apply import shard_block, shard_position_embedding  # apply imports this module
+
+        kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": mp_policy}
         for view in self.views.values():
             for block in view.stage_blocks:
-                fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
-            fully_shard(view, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+                shard_block(block, unit, **kwargs)
+            shard_position_embedding(view.parts["pos_embeddings"] if "pos_embeddings" in view.parts else None,
+                                     unit, **kwargs)
+            fully_shard(view, **kwargs)
 
     def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from .loss import token_loss_sum

@@ -25,7 +25,8 @@ from .propose import propose_layouts
 
 FLAG_NAMES = {"tp": "--tp", "pp": "--pp", "dp": "--dp", "zero_stage": "--zero", "micro_batch": "--micro-batch",
               "seq_len": "--seq", "recompute": "--recompute", "recompute_every": "--recompute-every",
-              "precision": "--precision", "defer_grad_reduce": "--defer-grad-reduce"}
+              "precision": "--precision", "defer_grad_reduce": "--defer-grad-reduce",
+              "fsdp_unit": "--fsdp-unit"}
 """Layout and work field -> the ``gptforge plan`` flag that sets it, so errors name what the user typed."""
 DEFAULT_GPU_MEMORY_GIB = 80.0  # an 80 GB A100/H100
 SINGLE_GPU = ParallelConfig(dp=1, sequence_parallel=True)
@@ -57,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defer-grad-reduce", action="store_true",
                    help="FSDP (--zero 2/3): keep unsharded gradients until the step's last micro-batch "
                         "(parallel.defer_grad_reduce); with --propose, for every FSDP layout")
+    p.add_argument("--fsdp-unit", choices=["block", "linear"], default="block",
+                   help="FSDP (--zero 2/3): one unit per block, or per linear layer (parallel.fsdp_unit); "
+                        "with --propose, for every FSDP layout")
     p.add_argument("--propose", action="store_true", help="list the layouts of --gpus GPUs that fit, best first")
     p.add_argument("--gpus", type=int, default=None, help="with --propose: number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=8, help="with --propose: the largest tp (default 8)")
@@ -72,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
     gpu_memory = args.gpu_memory if args.gpu_memory is not None else DEFAULT_GPU_MEMORY_GIB
     common = dict(micro_batch=args.micro_batch, seq_len=args.seq, precision=args.precision, gpu_memory_gib=gpu_memory)
     if args.propose:
-        if args.defer_grad_reduce and args.zero is not None and args.zero not in FSDP_STAGES:
-            raise UserError(f"--defer-grad-reduce needs --zero 2 or 3 (FSDP), got --zero {args.zero}")
+        for flag, given in (("--defer-grad-reduce", args.defer_grad_reduce),
+                            ("--fsdp-unit linear", args.fsdp_unit == "linear")):
+            if given and args.zero is not None and args.zero not in FSDP_STAGES:
+                raise UserError(f"{flag} needs --zero 2 or 3 (FSDP), got --zero {args.zero}")
         # The search chooses tp, pp and dp; --zero and --recompute narrow it to the given value.
         for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp)):
             if value is not None:
@@ -83,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                             recompute=None if args.recompute is None else [args.recompute],
                             recompute_every=args.recompute_every, optimizer_offload=args.optimizer_offload,
                             sequence_parallel=not args.no_sequence_parallel,
-                            defer_grad_reduce=args.defer_grad_reduce, global_batch=args.global_batch,
+                            defer_grad_reduce=args.defer_grad_reduce, fsdp_unit=args.fsdp_unit,
+                            global_batch=args.global_batch,
                             top=args.top, runnable_only=args.runnable, **common)
         print(json.dumps(rows, indent=2) if args.json else render_proposals(rows))
         return 0
@@ -95,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                               recompute=args.recompute or "none", recompute_every=args.recompute_every,
                               optimizer_offload=args.optimizer_offload,
                               sequence_parallel=not args.no_sequence_parallel,
-                              defer_grad_reduce=args.defer_grad_reduce)
+                              defer_grad_reduce=args.defer_grad_reduce, fsdp_unit=args.fsdp_unit)
     rows = plan_rows(args.preset, parallel=parallel, global_batch=args.global_batch, **common)
     print(json.dumps(rows, indent=2) if args.json
           else render_table(rows) + "\n\n" + render_layout_table(rows) + "\n\n" + render_peaks(rows))
@@ -124,6 +131,8 @@ def flag_plan(parallel: ParallelConfig, *, gpu_memory_gib: float, seq_len: int, 
     errors = value_errors(parallel, FLAG_NAMES)
     if parallel.defer_grad_reduce and parallel.zero_stage not in FSDP_STAGES:
         errors.append(f"--defer-grad-reduce needs --zero 2 or 3 (FSDP), got --zero {parallel.zero_stage}")
+    if parallel.fsdp_unit != "block" and parallel.zero_stage not in FSDP_STAGES:
+        errors.append(f"--fsdp-unit {parallel.fsdp_unit} needs --zero 2 or 3 (FSDP), got --zero {parallel.zero_stage}")
     errors += work_errors(micro_batch=micro_batch, seq_len=seq_len, precision=precision, names=FLAG_NAMES)
     if not gpu_memory_gib > 0:
         errors.append(f"--gpu-memory must be > 0 (GiB), got {gpu_memory_gib}")
@@ -235,7 +244,8 @@ def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, mi
                  seq_len: int | None, precision: str, gpu_memory_gib: float, zero_stages: list[int] | None,
                  recompute: list[str] | None, recompute_every: int, optimizer_offload: bool,
                  sequence_parallel: bool, global_batch: int | None, top: int,
-                 runnable_only: bool = False, defer_grad_reduce: bool = False) -> list[dict]:
+                 runnable_only: bool = False, defer_grad_reduce: bool = False,
+                 fsdp_unit: str = "block") -> list[dict]:
     """``--propose``: per preset, the layouts of ``n_gpus`` GPUs whose peaks all fit, cheapest first (at most
     ``top``).
 
@@ -266,7 +276,7 @@ def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, mi
             seq_len=seq, micro_batch=micro_batch, precision=precision,
             zero_stages=zero_stages or ZERO_STAGES, recompute=recompute or RECOMPUTE_MODES,
             recompute_every=recompute_every, optimizer_offload=optimizer_offload,
-            sequence_parallel=sequence_parallel, defer_grad_reduce=defer_grad_reduce)
+            sequence_parallel=sequence_parallel, defer_grad_reduce=defer_grad_reduce, fsdp_unit=fsdp_unit)
         if batch is not None:
             proposals = [p for p in proposals if p.layout.dp * micro_batch <= batch]
         if runnable_only:
@@ -297,7 +307,8 @@ def trainer_engine(settings: dict) -> str:
 def _mode(lay: dict) -> str:
     mode = f"sel/{lay['recompute_every']}" if lay["recompute"] == "selective" else lay["recompute"]
     mode += "+offload" if lay["optimizer_offload"] else ""
-    return mode + ("+defer" if lay["defer_grad_reduce"] else "")
+    mode += "+defer" if lay["defer_grad_reduce"] else ""
+    return mode + ("+linear" if lay.get("fsdp_unit") == "linear" else "")
 
 
 def _layout_cells(fields: dict) -> str:

@@ -53,15 +53,18 @@ start-up (after the model and optimizer are built, before the first step)
     stored. Adam's moments appear at the first step (torch's AdamW and DeepSpeed's partitions alike).
     ``replicas`` with DDP: the whole replica, DDP's fp32 gradient buckets (allocated by its constructor)
     and one 250 MiB bucket of its start-up broadcast of the replica. ``deepspeed`` ZeRO-3: its gradient
-    partitions and reduce bucket (both allocated at initialisation), and ``deepspeed.zero.Init``'s
-    materialisation of the largest parameter whole before it is partitioned.
+    partitions and reduce bucket (both allocated at initialisation), ``deepspeed.zero.Init``'s
+    materialisation of the largest parameter whole before it is partitioned, and the zero-filled fp32
+    gradient buffer of its partition with which it sets up the optimizer.
 accumulation (the steady training peak, from the second step on: the larger of backward and optimizer step)
     backward: stored state, gradients and optimizer state, the activations, and
     - ``fsdp`` ZeRO-3: the gathered compute-dtype weights of the root unit (used at both ends of the model,
-      kept through forward and backward) and of two blocks (the one computing and the one prefetched);
+      kept through forward and backward) and of two blocks (the one computing and the one prefetched) or,
+      with ``fsdp_unit: linear``, of two of the largest linear layers and a block's LayerNorms (and a
+      root without the position embedding, gathered only at the step's ends);
       ZeRO-2: the whole stage gathered (kept from forward until backward);
     - ``fsdp`` gradients (``unsharded_gradients``): reduce-scattered after every micro-batch, so beyond
-      their shard one block's unsharded gradient and its fp32 reduce-scatter input, while the root unit's
+      their shard one unit's unsharded gradient and its fp32 reduce-scatter input, while the root unit's
       gradient stays unsharded for the whole backward (the tied embedding gets the output projection's
       gradient first and the lookup's last); with ``defer_grad_reduce`` the whole stage's unsharded
       gradients in the compute dtype until the step's last micro-batch, plus one unit's reduce-scatter input;
@@ -109,6 +112,7 @@ DEEPSPEED_ZERO_DEFAULTS: dict[str, int] = {
     "reduce_bucket_size": 500_000_000,
     "stage3_prefetch_bucket_size": 50_000_000,
     "stage3_max_reuse_distance": 1_000_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
 }
 """DeepSpeed's defaults (``deepspeed/runtime/zero/config.py``) for the ``zero_optimization`` keys the
 planner reads, where the trainer's DeepSpeed config does not set them."""
@@ -173,7 +177,9 @@ def layout_dict(dims: ParallelDims, work: Workload) -> dict:
             "engine": planned_engine(dims, work), "micro_batch": work.micro_batch, "seq_len": work.seq_len,
             "recompute": dims.recompute, "recompute_every": dims.recompute_every, "precision": work.precision,
             "optimizer_offload": dims.optimizer_offload, "sequence_parallel": dims.sequence_parallel,
-            "defer_grad_reduce": defers_grad_reduce(dims, work), "n_gpus": dims.world_size}
+            "defer_grad_reduce": defers_grad_reduce(dims, work),
+            "fsdp_unit": dims.fsdp_unit if planned_engine(dims, work) == "fsdp" else None,
+            "n_gpus": dims.world_size}
 
 
 def shape_errors(config: GPTConfig, dims: ParallelDims, work: Workload,
@@ -213,7 +219,8 @@ def trainer_settings(dims: ParallelDims, work: Workload) -> dict:
             "zero_stage": dims.zero_stage, "zero_engine": "deepspeed" if deepspeed else "fsdp",
             "optimizer_offload": dims.optimizer_offload, "recompute": dims.recompute,
             "recompute_every": dims.recompute_every, "pp_schedule": "1f1b",
-            "defer_grad_reduce": dims.defer_grad_reduce}
+            "defer_grad_reduce": dims.defer_grad_reduce,
+            "fsdp_unit": dims.fsdp_unit}
 
 
 def trainer_gaps(dims: ParallelDims, work: Workload, global_batch: int | None = None) -> list[str]:
@@ -238,6 +245,10 @@ class ParamCounts:
     position_embedding: int
     block: int
     """One transformer block."""
+    block_linear: int
+    """A block's largest linear layer (an MLP matrix and its bias): ``fsdp_unit: linear``'s largest unit."""
+    block_norms: int
+    """A block's LayerNorms: what ``fsdp_unit: linear`` leaves in the block's own unit."""
     final_norm: int
 
     def total(self, n_layer: int) -> int:
@@ -259,6 +270,8 @@ def param_counts(config: GPTConfig, tp: int = 1) -> ParamCounts:
         token_embedding=config.padded_vocab_size // tp * d,
         position_embedding=config.context_length * d,
         block=2 * layer_norm + 3 * column(d, d) + row(d, d) + column(d, f) + row(f, d),
+        block_linear=max(column(d, f), row(f, d), column(d, d), row(d, d)),
+        block_norms=2 * layer_norm,
         final_norm=layer_norm if config.final_norm else 0,
     )
 
@@ -336,14 +349,14 @@ def stage_activation_bytes(config: GPTConfig, dims: ParallelDims, work: Workload
     return total
 
 
-def deepspeed_zero_settings(dims: ParallelDims, work: Workload) -> dict:
-    """The ``zero_optimization`` values of the trainer's own DeepSpeed config for this layout, over
-    DeepSpeed's defaults (``overlap_comm`` defaults to on for ZeRO-3 only)."""
+def deepspeed_zero_settings(config: GPTConfig, dims: ParallelDims, work: Workload) -> dict:
+    """The ``zero_optimization`` values of the trainer's own DeepSpeed config for this model and layout,
+    over DeepSpeed's defaults (``overlap_comm`` defaults to on for ZeRO-3 only)."""
     from .deepspeed_engine import deepspeed_config
 
-    config = deepspeed_config(dims=dims, micro_batch=work.micro_batch, global_batch=work.micro_batch * dims.dp,
-                              precision=work.precision, grad_clip=1.0)
-    given = config.get("zero_optimization", {})
+    engine = deepspeed_config(dims=dims, d_model=config.d_model, micro_batch=work.micro_batch,
+                              global_batch=work.micro_batch * dims.dp, precision=work.precision, grad_clip=1.0)
+    given = engine.get("zero_optimization", {})
     defaults = DEEPSPEED_ZERO_DEFAULTS | {"overlap_comm": dims.zero_stage == 3}
     # DeepSpeed takes the ZeRO-3 keys with or without their "stage3_" prefix
     return {key: given.get(key, given.get(key.removeprefix("stage3_"), default)) for key, default in defaults.items()}
@@ -362,9 +375,13 @@ class StageShape:
     params: int
     """Parameters of the stage on one tp rank."""
     block: int
-    """Parameters of one block on one tp rank (an FSDP unit)."""
+    """Parameters of one block on one tp rank."""
+    unit: int
+    """Parameters of a block's largest FSDP unit on one tp rank (``parallel.fsdp_unit``): the block, or
+    its largest linear layer with the block's LayerNorms (the block's own unit)."""
     root: int
-    """The stage's parameters outside its blocks (embeddings, final norm): FSDP's root unit."""
+    """The stage's parameters outside its blocks in FSDP's root unit (embeddings, final norm; without the
+    position embedding, its own unit, with ``fsdp_unit: linear``)."""
     n_blocks: int
 
     @property
@@ -392,10 +409,14 @@ class StageShape:
 
 def stage_shape(config: GPTConfig, dims: ParallelDims, work: Workload, index: int) -> StageShape:
     params = stage_params(config, dims, stage_role(index, dims.pp))
-    block = param_counts(config, dims.tp).block
+    counts = param_counts(config, dims.tp)
+    unit = counts.block if dims.fsdp_unit == "block" else counts.block_linear + counts.block_norms
     n_blocks = config.n_layer // dims.pp
+    root = params - n_blocks * counts.block
+    if dims.fsdp_unit == "linear" and stage_role(index, dims.pp) in ("first", "only"):
+        root -= counts.position_embedding  # gathered only at the step's two ends, not at the backward's peak
     return StageShape(config=config, dims=dims, work=work, index=index, engine=planned_engine(dims, work),
-                      params=params, block=block, root=params - n_blocks * block, n_blocks=n_blocks)
+                      params=params, block=counts.block, unit=unit, root=root, n_blocks=n_blocks)
 
 
 def stored_bytes(stage: StageShape) -> dict[str, float]:
@@ -429,11 +450,14 @@ def gathered_bytes(stage: StageShape, zero_settings: Mapping[str, int] | None) -
     if stage.engine == "fsdp":
         if zero == 2:  # ZeRO-2: every unit stays gathered from its forward until its backward
             return width * stage.params
-        return width * (stage.root + min(2, stage.n_blocks) * stage.block)  # root + computing + prefetched
+        units = stage.n_blocks if stage.dims.fsdp_unit == "block" else 2
+        return width * (stage.root + min(2, units) * stage.unit)  # root + the unit computing + the one prefetched
     if stage.engine == "deepspeed" and zero == 3 and zero_settings is not None:
-        # Parameters reused within max_reuse_distance are not released; prefetch runs a bucket ahead.
+        # Parameters reused within max_reuse_distance are not released; prefetch runs a bucket ahead;
+        # at most max_live_parameters are gathered at once (but the module computing is, whatever its size).
         kept = (stage.block + zero_settings["stage3_prefetch_bucket_size"]
                 + zero_settings["stage3_max_reuse_distance"])
+        kept = min(kept, max(zero_settings["stage3_max_live_parameters"], stage.block))
         return width * min(stage.params, kept)
     return 0.0
 
@@ -442,7 +466,7 @@ def unsharded_gradient_bytes(stage: StageShape) -> float:
     """FSDP's gradients before their reduce-scatter (``fsdp`` only; see the module docstring)."""
     if stage.engine != "fsdp":
         return 0.0
-    width, root, block = stage.width, stage.root, stage.block
+    width, root, block = stage.width, stage.root, stage.unit
     if stage.defer:  # every unit's unsharded gradient, then one unit's fp32 reduce-scatter input at the end
         return width * stage.params + FP32_BYTES * max(root, block)
     # The root unit's gradient stays unsharded while the blocks reduce-scatter one after the other.
@@ -472,7 +496,7 @@ def phase_parts(stage: StageShape) -> dict[str, dict]:
     """The three peaks of one stage: ``startup``, ``accumulation`` (with ``at``: ``backward`` or
     ``optimizer step``) and ``save`` (with ``host_staging``), each ``MEMORY_KEYS`` and ``total`` in bytes."""
     dims = stage.dims
-    zero_settings = deepspeed_zero_settings(dims, stage.work) if stage.engine == "deepspeed" else None
+    zero_settings = deepspeed_zero_settings(stage.config, dims, stage.work) if stage.engine == "deepspeed" else None
     stored = stored_bytes(stage)
     kept = {key: stored[key] for key in ("weights", "master_weights")}
     ds3 = stage.engine == "deepspeed" and dims.zero_stage == 3
@@ -482,6 +506,9 @@ def phase_parts(stage: StageShape) -> dict[str, dict]:
     if ds3:  # gradient partitions exist from initialisation; zero.Init builds each parameter whole first
         startup["gradients"] = stored["gradients"]
         startup["init_buffers"] += stage.width * largest_tensor(stage.config)
+        # and the engine's optimizer set-up zero-fills a gradient buffer of the rank's fp32 partition
+        # (``initialize_optimizer_states`` in deepspeed/runtime/zero/stage3.py), freed before training
+        startup["init_buffers"] += FP32_BYTES * stage.state_params
 
     training = kept | {key: stored[key] for key in ("gradients", "optimizer_state")}
     buckets = comm_buffer_bytes(stage, zero_settings, "accumulation")

@@ -43,14 +43,15 @@ def propose_layouts(config: GPTConfig, *, n_gpus: int, gpus_per_node: int, gpu_m
                     micro_batch: int = 1, precision: str = "bf16", zero_stages: Sequence[int] = ZERO_STAGES,
                     recompute: Sequence[str] = RECOMPUTE_MODES, recompute_every: int = 2,
                     optimizer_offload: bool = False, sequence_parallel: bool = True,
-                    defer_grad_reduce: bool = False, margin: float = SAFETY_MARGIN) -> list[Proposal]:
+                    defer_grad_reduce: bool = False, fsdp_unit: str = "block",
+                    margin: float = SAFETY_MARGIN) -> list[Proposal]:
     """Every layout of exactly ``n_gpus`` GPUs whose start-up, accumulation and save peaks all fit, cheapest
     first (``layout_cost``).
 
     tp: powers of two up to ``gpus_per_node`` (and ``n_gpus``) that divide n_head, the FFN size and the
     padded vocabulary; pp: divisors of n_layer; dp = n_gpus / (tp pp), which must be whole. A ZeRO stage
-    above 0 is only tried when dp > 1 (with one replica it shards nothing). ``defer_grad_reduce`` applies to
-    the layouts that FSDP runs (ZeRO 2/3), the only ones that have the choice."""
+    above 0 is only tried when dp > 1 (with one replica it shards nothing). ``defer_grad_reduce`` and
+    ``fsdp_unit`` apply to the layouts that FSDP runs (ZeRO 2/3), the only ones that have the choice."""
     if n_gpus < 1:
         raise ValueError(f"number of GPUs must be >= 1, got {n_gpus}")
     if gpus_per_node < 1:
@@ -69,8 +70,8 @@ def propose_layouts(config: GPTConfig, *, n_gpus: int, gpus_per_node: int, gpu_m
                               optimizer_offload=optimizer_offload, sequence_parallel=sequence_parallel)
         if shape_errors(config, layout, work):
             continue
-        if defer_grad_reduce and zero in FSDP_STAGES and planned_engine(layout, work) == "fsdp":
-            layout = dataclasses.replace(layout, defer_grad_reduce=True)
+        if zero in FSDP_STAGES and planned_engine(layout, work) == "fsdp":
+            layout = dataclasses.replace(layout, defer_grad_reduce=defer_grad_reduce, fsdp_unit=fsdp_unit)
         memory = plan_memory(config, layout, work)
         if fits(memory["total"], gpu_memory_gib, margin):
             proposals.append(Proposal(layout=layout, memory=memory, cost=layout_cost(layout, memory["total"])))

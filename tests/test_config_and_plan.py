@@ -50,6 +50,15 @@ def test_defer_grad_reduce_needs_fsdp(write_config):
     assert job.dims.defer_grad_reduce and job.dims.fsdp
 
 
+def test_fsdp_unit_is_checked_and_needs_fsdp(write_config):
+    errors = config_errors(write_config(parallel={"fsdp_unit": "layer"}))
+    assert "parallel.fsdp_unit: expected one of 'block', 'linear', got 'layer'" in errors, errors
+    errors = config_errors(write_config(parallel={"fsdp_unit": "linear"}))
+    assert any(e.startswith("parallel.fsdp_unit 'linear' needs FSDP") for e in errors), errors
+    job = resolve_job(write_config(parallel={"fsdp_unit": "linear", "zero_stage": 3}), [], world_size=1)
+    assert job.dims.fsdp_unit == "linear" and job.dims.fsdp
+
+
 def test_missing_sections_and_unknown_preset(write_config):
     errors = config_errors(write_config(train=None, model={"preset": "gpt5"}))
     joined = "\n".join(errors)

@@ -37,7 +37,8 @@ def _deepspeed_rank(rank: int) -> None:
 
 def _ds_config(stage: int, offload: bool = False) -> dict:
     dims = ParallelDims(dp=WORLD, zero_engine="deepspeed", zero_stage=stage, optimizer_offload=offload)
-    return deepspeed_engine.deepspeed_config(dims=dims, micro_batch=1, global_batch=WORLD, precision="fp32",
+    return deepspeed_engine.deepspeed_config(dims=dims, d_model=SHAPE["d_model"], micro_batch=1, global_batch=WORLD,
+                                             precision="fp32",
                                              grad_clip=1.0)
 
 

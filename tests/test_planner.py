@@ -222,6 +222,22 @@ def test_peaks_of_fsdp_zero3_dp8_by_hand():
     assert sum(save[key] for key in MEMORY_KEYS) == save["total"]
 
 
+def test_linear_fsdp_units_hold_two_mlp_matrices_instead_of_two_blocks():
+    block, linear = bench_plan(dp=8, zero_stage=3), bench_plan(dp=8, zero_stage=3, fsdp_unit="linear")
+    unit = 768 * 3072 + 3072 + 2 * 1536  # an MLP matrix and its bias, plus the block's LayerNorms (its own unit)
+    root = BENCH_ROOT - 2048 * 768  # the position embedding is a unit of its own, gathered at the ends only
+    acc = linear["peaks"]["accumulation"]
+    assert acc["gather_buffers"] == 4 * (root + 2 * unit)
+    assert acc["unsharded_gradients"] == 4 * root + 8 * unit
+    assert block["peaks"]["accumulation"]["total"] - acc["total"] == 16 * (BENCH_BLOCK - unit) + 8 * 2048 * 768
+    assert linear["peaks"]["startup"] == block["peaks"]["startup"]
+    # the choice is FSDP's: the trainer refuses it for DeepSpeed and DDP
+    for dims in (ParallelDims(dp=8, zero_stage=3, zero_engine="deepspeed", fsdp_unit="linear"),
+                 ParallelDims(dp=8, fsdp_unit="linear")):
+        assert any("parallel.fsdp_unit 'linear' needs FSDP" in gap
+                   for gap in trainer_gaps(dims, Workload(seq_len=64, precision="fp32")))
+
+
 def test_defer_grad_reduce_holds_the_whole_unsharded_gradient():
     default, defer = bench_plan(dp=8, zero_stage=3), bench_plan(dp=8, zero_stage=3, defer_grad_reduce=True)
     acc = defer["peaks"]["accumulation"]
@@ -255,14 +271,19 @@ def test_peaks_of_ddp_replicas_by_hand():
 def test_deepspeed_zero3_reads_the_trainers_deepspeed_config():
     plan = bench_plan(dp=8, zero_stage=3, zero_engine="deepspeed")
     dims = ParallelDims(dp=8, zero_stage=3, zero_engine="deepspeed")
-    zero = deepspeed_zero_settings(dims, Workload(seq_len=64, precision="fp32"))
+    zero = deepspeed_zero_settings(get_preset("gpt3-125m").config(vocab_size=2048), dims,
+                                   Workload(seq_len=64, precision="fp32"))
     acc, startup = plan["peaks"]["accumulation"], plan["peaks"]["startup"]
     assert plan["engine"] == "deepspeed"
+    # buckets scale with d^2 (768^2 = 589,824, raised to the 2^20-element floor); two blocks live at most
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 2**20
+    assert (zero["stage3_max_reuse_distance"], zero["stage3_max_live_parameters"]) == (0, 24 * 768**2)
     assert startup["comm_buffers"] == acc["comm_buffers"] == 4 * zero["reduce_bucket_size"]
     kept = BENCH_BLOCK + zero["stage3_prefetch_bucket_size"] + zero["stage3_max_reuse_distance"]
     assert acc["gather_buffers"] == 4 * min(BENCH_PARAMS, kept)
     # zero.Init builds each parameter whole before partitioning it: the largest, an MLP matrix
-    assert startup["init_buffers"] == 2**20 + 4 * 3072 * 768
+    # and the optimizer set-up zero-fills an fp32 gradient buffer of the rank's partition
+    assert startup["init_buffers"] == 2**20 + 4 * 3072 * 768 + 4 * BENCH_PARAMS / 8
     assert plan["peaks"]["save"]["host_staging"] == 12 * BENCH_PARAMS // 8
 
 

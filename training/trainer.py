@@ -175,7 +175,8 @@ class Trainer:
 
     def _deepspeed_config(self) -> dict:
         t = self.t
-        return deepspeed_engine.deepspeed_config(dims=self.dims, micro_batch=t.micro_batch_size,
+        return deepspeed_engine.deepspeed_config(dims=self.dims, d_model=self.job.model.d_model,
+                                                 micro_batch=t.micro_batch_size,
                                                  global_batch=t.global_batch_size, precision=t.precision,
                                                  grad_clip=self.cfg.optim.grad_clip)
 
