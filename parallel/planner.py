@@ -73,7 +73,9 @@ accumulation (the steady training peak, from the second step on: the larger of b
       ``stage3_max_reuse_distance`` parameters beyond one block, at most the stage);
     - ``replicas`` with DDP: its fp32 gradient buckets.
     optimizer step: stored state, gradients, optimizer state and one fp32 temporary the size of a moment
-    (torch's foreach AdamW, e.g. the square root of the second moment), plus the persistent buffers above.
+    (torch's foreach AdamW, e.g. the square root of the second moment), plus the persistent buffers above;
+    ``deepspeed`` steps its flat partition as one tensor: two such temporaries at once, and under ZeRO-3
+    a third, its flattened copy of the partition's gradients.
 save (a checkpoint after the optimizer step; gradients are freed by then)
     device: stored weights, master weights and optimizer state, plus what persists (DDP buckets,
     DeepSpeed's buckets, gradient partitions and kept ZeRO-3 parameters). host (``host_staging``, reported
@@ -519,6 +521,11 @@ def phase_parts(stage: StageShape) -> dict[str, dict]:
         "comm_buffers": buckets,
     }
     moment = 0.0 if dims.optimizer_offload else FP32_BYTES * stage.state_params
+    if stage.engine == "deepspeed" and not dims.optimizer_offload:
+        # AdamW steps the flat fp32 partition as one tensor: sqrt(v) and its quotient, two temporaries of
+        # the partition's size at once (torch/optim/adam.py, single-tensor path); ZeRO-3 also flattens
+        # the partition's gradients into a new fp32 tensor first (``_prepare_fp32_grad_for_sub_group``)
+        moment *= 3 if ds3 else 2
     step = training | {"optimizer_temporaries": moment, "comm_buffers": buckets,
                        "gather_buffers": gathered_bytes(stage, zero_settings) if ds3 else 0.0}
 

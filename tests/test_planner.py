@@ -282,6 +282,8 @@ def test_deepspeed_zero3_reads_the_trainers_deepspeed_config():
     kept = BENCH_BLOCK + zero["stage3_prefetch_bucket_size"] + zero["stage3_max_reuse_distance"]
     assert acc["gather_buffers"] == 4 * min(BENCH_PARAMS, kept)
     # zero.Init builds each parameter whole before partitioning it: the largest, an MLP matrix
+    # the step: AdamW on the flat partition holds two partition-sized temporaries, plus the flattened gradients
+    assert acc["at"] == "optimizer step" and acc["optimizer_temporaries"] == 3 * 4 * BENCH_PARAMS / 8
     # and the optimizer set-up zero-fills an fp32 gradient buffer of the rank's partition
     assert startup["init_buffers"] == 2**20 + 4 * 3072 * 768 + 4 * BENCH_PARAMS / 8
     assert plan["peaks"]["save"]["host_staging"] == 12 * BENCH_PARAMS // 8
