@@ -10,6 +10,7 @@ ends. ``fn`` and its arguments must be picklable: a module-level function of a t
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import tempfile
@@ -51,6 +52,9 @@ def _worker(rank: int, fn, world_size: int, port: int, args: tuple, error_dir: s
         _record_failure(error_dir, rank)  # before the group ends: its peers fail only after that
         raise
     finally:
+        # Free what fn built (DeepSpeed's engine lives in reference cycles) while the interpreter and
+        # the process group are whole, not in the interpreter's teardown, where it can abort the rank.
+        gc.collect()
         dist.destroy_process_group()
 
 
