@@ -14,8 +14,7 @@ memory, so on CPU without the save, whose peak there also holds the host staging
 
 Layouts are names of dash-separated parts: ``zeroN``, ``tpN``, ``ppN``, ``dpN``, ``ds`` (the DeepSpeed
 engine; FSDP otherwise), ``defer`` (``parallel.defer_grad_reduce``) and ``linear`` (``parallel.fsdp_unit:
-linear``), e.g. ``zero3-dp8``, ``zero3-tp2-dp4``,
-``pp2-dp4``, ``ds-zero3-dp8``.
+linear``), e.g. ``zero3-dp8``, ``zero3-tp2-dp4``, ``pp2-dp4``, ``ds-zero3-dp8``, ``zero3-linear-dp8``.
 
     .venv/bin/python bench/memory.py                 # gpt3-125m with a 2,048-token vocabulary: 88M parameters
     .venv/bin/python bench/memory.py --small         # FSDP ZeRO-3 dp4 on a 15M shape, a few minutes

@@ -17,7 +17,7 @@ from ..model.config import GPTConfig
 from ..model.flops import count_parameters, flops_per_token, replica_memory_bytes
 from ..model.presets import PRESETS, get_preset, gpt3_presets
 from .config import ParallelConfig
-from .dims import FSDP_STAGES, RECOMPUTE_MODES, ZERO_STAGES, ParallelDims, value_errors
+from .dims import FSDP_STAGES, FSDP_UNITS, RECOMPUTE_MODES, ZERO_STAGES, ParallelDims, value_errors
 from .planner import (GIB, KEY_LABELS, MEMORY_KEYS, PHASE_LABELS, PHASES, SAFETY_MARGIN, Workload, fit_errors, fits,
                       layout_dict, param_counts, plan_memory, shape_errors, trainer_gaps, trainer_settings,
                       work_errors)
@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defer-grad-reduce", action="store_true",
                    help="FSDP (--zero 2/3): keep unsharded gradients until the step's last micro-batch "
                         "(parallel.defer_grad_reduce); with --propose, for every FSDP layout")
-    p.add_argument("--fsdp-unit", choices=["block", "linear"], default="block",
+    p.add_argument("--fsdp-unit", choices=FSDP_UNITS, default="block",
                    help="FSDP (--zero 2/3): one unit per block, or per linear layer (parallel.fsdp_unit); "
                         "with --propose, for every FSDP layout")
     p.add_argument("--propose", action="store_true", help="list the layouts of --gpus GPUs that fit, best first")
@@ -308,7 +308,7 @@ def _mode(lay: dict) -> str:
     mode = f"sel/{lay['recompute_every']}" if lay["recompute"] == "selective" else lay["recompute"]
     mode += "+offload" if lay["optimizer_offload"] else ""
     mode += "+defer" if lay["defer_grad_reduce"] else ""
-    return mode + ("+linear" if lay.get("fsdp_unit") == "linear" else "")
+    return mode + ("+linear" if lay["fsdp_unit"] == "linear" else "")
 
 
 def _layout_cells(fields: dict) -> str:

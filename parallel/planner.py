@@ -175,12 +175,13 @@ def defers_grad_reduce(dims: ParallelDims, work: Workload) -> bool:
 
 def layout_dict(dims: ParallelDims, work: Workload) -> dict:
     """The JSON ``layout`` of ``gptforge plan``: the planned layout and work."""
+    engine = planned_engine(dims, work)
     return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": dims.zero_stage,
-            "engine": planned_engine(dims, work), "micro_batch": work.micro_batch, "seq_len": work.seq_len,
+            "engine": engine, "micro_batch": work.micro_batch, "seq_len": work.seq_len,
             "recompute": dims.recompute, "recompute_every": dims.recompute_every, "precision": work.precision,
             "optimizer_offload": dims.optimizer_offload, "sequence_parallel": dims.sequence_parallel,
             "defer_grad_reduce": defers_grad_reduce(dims, work),
-            "fsdp_unit": dims.fsdp_unit if planned_engine(dims, work) == "fsdp" else None,
+            "fsdp_unit": dims.fsdp_unit if engine == "fsdp" else None,
             "n_gpus": dims.world_size}
 
 
