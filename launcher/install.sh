@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything gptforge needs on a fresh Debian/Ubuntu machine: Debian packages, a virtual
-# environment in .venv, the CPU build of PyTorch 2.13.0 and gptforge itself (editable, with test tools).
+# environment in .venv, PyTorch 2.13.0 (the CUDA build where an NVIDIA GPU is present, else the CPU build)
+# and gptforge itself (editable, with test tools).
 # Safe to re-run: installed pieces are skipped quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +28,32 @@ pip_install() {  # quiet unless it fails
 }
 : >"$LOG"
 pip_install --upgrade pip
-# Pin the CPU build first: a bare "torch" requirement would pull a multi-GB CUDA build.
-.venv/bin/python -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
+# PyTorch 2.13.0: the CUDA build where an NVIDIA GPU is present, else the CPU build (GPTFORGE_TORCH=cuda|cpu
+# decides instead; GPTFORGE_TORCH_INDEX names the wheel index of the CUDA build). Pinned before gptforge:
+# a bare "torch" requirement would pull whatever build the index serves.
+TORCH_VERSION=2.13.0
+want=${GPTFORGE_TORCH:-auto}
+if [ "$want" = auto ]; then
+  if nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then want=cuda; else want=cpu; fi
+fi
+case "$want" in
+  cuda|cpu) ;;
+  *) echo "install.sh: GPTFORGE_TORCH must be cuda, cpu or auto, got '$want'" >&2; exit 2 ;;
+esac
+have=$(.venv/bin/python -c "import torch; print('cuda' if torch.version.cuda else 'cpu')" 2>/dev/null || echo none)
+if [ "$have" != "$want" ]; then
+  [ "$have" = none ] || .venv/bin/python -m pip -q uninstall -y torch >>"$LOG" 2>&1
+  if [ "$want" = cuda ]; then
+    pip_install "torch==$TORCH_VERSION" --index-url "${GPTFORGE_TORCH_INDEX:-https://download.pytorch.org/whl/cu130}" \
+      --extra-index-url https://pypi.org/simple
+    .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
+      || { echo "install.sh: the torch installed from ${GPTFORGE_TORCH_INDEX:-https://download.pytorch.org/whl/cu130}" \
+                "is not a CUDA build; set GPTFORGE_TORCH_INDEX to your CUDA version's index" >&2; exit 1; }
+  else
+    pip_install "torch==$TORCH_VERSION"
+  fi
+fi
+echo "install.sh: torch $(.venv/bin/python -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
 pip_install -e ".[test]"
 .venv/bin/python -c "import gptforge.launcher.cli, torch, deepspeed, megatron.core, sentencepiece, mlflow" 2>/dev/null \
   || { echo "install.sh: gptforge or one of its dependencies failed to import" >&2; exit 1; }

@@ -2,7 +2,8 @@
 # Submit a training job to SLURM:  CONFIG=configs/<name>.yaml sbatch [-N NODES] launcher/run.sh [key=value ...]
 #
 # One torchrun agent per node (srun), rendezvous at the first node over c10d; each agent starts
-# NPROC_PER_NODE ranks (default: the node's GPUs, else 1 for CPU nodes). The job resumes from the newest
+# NPROC_PER_NODE ranks (default: the node's GPUs, else 1 for CPU nodes; GPUs with a CPU build of torch are
+# refused). The job resumes from the newest
 # complete checkpoint, so a requeued or resubmitted job continues where it stopped.
 #
 # Time limit: SLURM sends TERM to each node's torchrun agent GPTFORGE_SIGNAL_LEAD seconds before the limit
@@ -32,8 +33,19 @@ set -euo pipefail
 REPO=${GPTFORGE_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 PYTHON=${GPTFORGE_PYTHON:-$REPO/.venv/bin/python}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-  [ "${NPROC_PER_NODE:-0}" -gt 0 ] || NPROC_PER_NODE=1
+  NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
+  if [ "$NPROC_PER_NODE" -gt 0 ]; then
+    # One rank per GPU needs a torch that can use them: a CPU build would run every rank on the CPU.
+    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || {
+      echo "gptforge: this node has $NPROC_PER_NODE GPU(s) but $PYTHON has no CUDA torch" \
+           "($("$PYTHON" -c 'import torch; print(torch.__version__)' 2>&1 | tail -n 1)):" \
+           "install the CUDA build (GPTFORGE_TORCH=cuda bash launcher/install.sh), or set NPROC_PER_NODE" \
+           "to train on the CPU on purpose" >&2
+      exit 2
+    }
+  else
+    NPROC_PER_NODE=1
+  fi
 fi
 SIGNAL_LEAD=${GPTFORGE_SIGNAL_LEAD:-300}
 [[ "$SIGNAL_LEAD" =~ ^[0-9]+$ ]] \

@@ -8,6 +8,8 @@ distributed checkpoints) serves both.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +30,44 @@ class DistInfo:
         return self.rank == 0
 
 
+def nvidia_gpus() -> list[str]:
+    """The GPUs ``nvidia-smi -L`` lists (its ``GPU i: NAME (UUID: ...)`` lines); empty without the tool."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.startswith("GPU ")]
+
+
+def resolve_device_kind(device_kind: str) -> str:
+    """``cuda`` or ``cpu`` for ``train.device``; UserError where CUDA is asked for, or GPUs are present,
+    but this torch cannot use them (``auto`` would otherwise train on the CPU while the GPUs idle)."""
+    if torch.cuda.is_available():
+        return "cpu" if device_kind == "cpu" else "cuda"
+    if device_kind == "cpu":
+        return "cpu"
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        why = (f"this {build} is a CPU build; install the CUDA build (GPTFORGE_TORCH=cuda bash launcher/install.sh, "
+               f"README 'GPU cluster')")
+    else:
+        why = (f"this {build} (CUDA {torch.version.cuda}) finds no usable GPU: check the driver (nvidia-smi) "
+               f"and CUDA_VISIBLE_DEVICES")
+    if device_kind == "cuda":
+        raise UserError(f"train.device is 'cuda' but no CUDA device is available: {why}")
+    gpus = nvidia_gpus()
+    if gpus:
+        raise UserError(f"train.device is 'auto' and nvidia-smi lists {len(gpus)} GPU(s) ({gpus[0]}), but {why}; "
+                        f"or set train.device=cpu to train on the CPU on purpose")
+    return "cpu"
+
+
 def init_distributed(device_kind: str = "auto") -> DistInfo:
     """Start the default process group (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
-    use_cuda = torch.cuda.is_available() if device_kind == "auto" else device_kind == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is available")
+    use_cuda = resolve_device_kind(device_kind) == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

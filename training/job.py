@@ -11,9 +11,11 @@ import os
 from dataclasses import dataclass
 
 from ..common.config import load_config
+from ..common.errors import UserError
 from ..model.config import GPTConfig
 from ..model.presets import PRESETS
 from ..parallel.dims import ParallelDims
+from ..parallel.distributed import resolve_device_kind
 from .config import JobConfig
 from .resume_check import RESUME_KEYS
 from .schedule import TokenSchedule
@@ -118,6 +120,11 @@ def _check_job(job: JobConfig, world_size: int, errors: list[str]) -> dict:
             errors.append(f"train.seq_len ({seq_len}) exceeds the model's context_length ({model.context_length})")
     if seq_len is not None and seq_len < 1:
         errors.append(f"train.seq_len must be >= 1, got {seq_len}")
+
+    try:  # GPUs that this torch cannot use are a config error too, not a silent CPU run
+        resolve_device_kind(t.device)
+    except UserError as err:
+        errors.append(str(err))
 
     dims = ParallelDims.from_config(job.parallel, world_size, errors)
     if dims is not None and model is not None and seq_len:
