@@ -137,6 +137,13 @@ def build_dataclass(cls: type, data: Any, path: str, errors: list[str]) -> Any:
                 errors.append(f"{key}: missing (required)")
             continue
         value, hint = data[name], hints[name]
+        optional = [a for a in typing.get_args(hint) if a is not type(None)] \
+            if typing.get_origin(hint) in (typing.Union, types.UnionType) else []
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # ``Section | None``
+            if value is None:
+                kwargs[name] = None
+                continue
+            hint = optional[0]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = build_dataclass(hint, value, key, errors)
             continue

@@ -7,23 +7,6 @@ import torch
 from .config import GPTConfig
 from .gpt import GPT
 
-# Dense bf16 peak FLOP/s per device (NVIDIA's H100/H200 and A100 datasheets, dense, without sparsity).
-# Matched as a substring of torch.cuda.get_device_name(). No entry for CPUs: MFU is not reported there.
-PEAK_FLOPS_BF16: dict[str, float] = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-}
-
-
-def peak_flops(device_name: str | None) -> float | None:
-    if not device_name:
-        return None
-    for key, value in PEAK_FLOPS_BF16.items():
-        if key in device_name:
-            return value
-    return None
-
 
 def count_parameters(config: GPTConfig) -> dict[str, int]:
     """Counts from a model built on the meta device (no memory). ``total`` counts tied weights once."""
@@ -42,16 +25,31 @@ def count_parameters(config: GPTConfig) -> dict[str, int]:
     }
 
 
-def flops_per_token(config: GPTConfig, seq_len: int, n_params: int | None = None) -> float:
-    """Training FLOPs per token, forward + backward: 6 N + 12 L d T (PaLM appendix B, as in nanoGPT).
+MFU_CONVENTIONS = {
+    "6n": "6N",
+    "6n_attn": "6N + 12*L*d*T",
+}
+"""The two ways MFU is counted, by key (``mfu_<key>`` in metrics): ``6n`` is Kaplan et al.'s 6 FLOPs per
+parameter per token (forward 2N, backward 4N; what llm-foundry and nanoGPT's ``6N`` figures use);
+``6n_attn`` adds the attention score and value matmuls, 12·L·d·T (PaLM appendix B; Megatron-LM's
+model FLOPs count them too). N excludes position embeddings; T is the sequence length."""
+
+
+def flops_per_token(config: GPTConfig, seq_len: int, n_params: int | None = None,
+                    convention: str = "6n_attn") -> float:
+    """Training FLOPs per token, forward + backward, in one of ``MFU_CONVENTIONS``: 6 N, or 6 N + 12 L d T
+    (PaLM appendix B, as in nanoGPT).
 
     N counts every parameter except position embeddings: the tied token embedding is counted once,
     for the output projection matmul (an embedding lookup itself costs no FLOPs). The attention term
     counts the full T x T score matrix (no halving for the causal mask)."""
+    if convention not in MFU_CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(MFU_CONVENTIONS)}, got {convention!r}")
     if n_params is None:
         counts = count_parameters(config)
         n_params = counts["total"] - counts["position_embedding"]
-    return 6.0 * n_params + 12.0 * config.n_layer * config.d_model * seq_len
+    attention = 12.0 * config.n_layer * config.d_model * seq_len if convention == "6n_attn" else 0.0
+    return 6.0 * n_params + attention
 
 
 def replica_memory_bytes(config: GPTConfig, *, micro_batch: int, seq_len: int, precision: str) -> dict[str, int]:

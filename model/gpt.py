@@ -116,6 +116,18 @@ class Attention(nn.Module):
         with self.dropout_rng():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
 
+    def _attend_banded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A sparse layer's banded causal attention, q, k, v [B, H, T, Dh]. An explicit mask takes SDPA off
+        its flash kernel (to the T x T math path); compiled on CUDA without attention dropout (flex
+        attention has none) it runs as a flex-attention kernel that skips the blocks outside the band."""
+        seq = q.shape[2]
+        dropout_p = self.dropout if self.training else 0.0
+        if q.device.type == "cuda" and dropout_p == 0.0 and torch.compiler.is_compiling():
+            from torch.nn.attention.flex_attention import flex_attention
+
+            return flex_attention(q, k, v, block_mask=banded_block_mask(seq, self.local_window, q.device))
+        return self._attend(q, k, v, banded_causal_mask(seq, self.local_window, q.device), is_causal=False)
+
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bsz, seq, _ = x.shape  # x: [B, T, D]
         # Heads derived from the (possibly tensor-parallel, hence local) projection width.
@@ -130,7 +142,7 @@ class Attention(nn.Module):
         if self.local_window is None:
             out = self._attend(q, k, v, None, is_causal=True)
         else:
-            out = self._attend(q, k, v, banded_causal_mask(seq, self.local_window, x.device), is_causal=False)
+            out = self._attend_banded(q, k, v)
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # [B, T, D]
         return self.wo(out)
 
@@ -144,6 +156,23 @@ class Attention(nn.Module):
         out = self._attend(q, keys, values, mask, is_causal=False)
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # [B, T, D]
         return self.wo(out)
+
+
+def banded_mask_mod(window: int):
+    """Flex attention's form of ``banded_causal_mask``: may query ``q`` attend key ``k``."""
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & (q - k < window)
+
+    return mask_mod
+
+
+def banded_block_mask(seq: int, window: int, device: torch.device):
+    """The flex-attention block mask of a [T, T] band: which 128 x 128 blocks hold any of the band, a
+    small index built inside the compiled block (a cached one would be a graph break)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(banded_mask_mod(window), None, None, seq, seq, device=device)
 
 
 def banded_causal_mask(seq: int, window: int, device: torch.device) -> torch.Tensor:

@@ -95,12 +95,21 @@ def mixed_precision_policy(precision: str):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
+def apply_compile(model: GPT) -> None:
+    """``torch.compile`` each block in place (``Module.compile``: names and state dicts unchanged), after
+    tensor parallelism and recompute wrap it and before FSDP shards it, as torchtitan orders them; one
+    graph per block (``fullgraph``), so a graph break is an error, not a silent slow path."""
+    for block in model.blocks.values():
+        block.compile(fullgraph=True)
+
+
 def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed: int,
-                precision: str = "fp32") -> tuple[nn.Module, PipelineRunner | None]:
+                precision: str = "fp32", compile: bool = False) -> tuple[nn.Module, PipelineRunner | None]:
     """``model`` is on the meta device and is changed in place (pruned to this rank's pipeline stages,
     sharded, materialised on ``device``, initialised). Returns the module to call for a forward (the
     model or a DDP wrapper) and, with pp > 1, the pipeline runner. Under FSDP ``precision`` becomes its
-    mixed-precision policy; otherwise the training loop autocasts over fp32 weights."""
+    mixed-precision policy; otherwise the training loop autocasts over fp32 weights. ``compile``: each
+    block compiled (``apply_compile``)."""
     pipeline_ranks = None
     if dims.pp > 1:
         pipeline_ranks = PipelineRanks.from_mesh(mesh, dims)
@@ -116,6 +125,8 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
     set_model_parallel_rng(rng)
     if dims.recompute != "none":
         apply_recompute(model, dims, rng)
+    if compile:
+        apply_compile(model)
     runner = None
     if pipeline_ranks is not None:  # replicas: the runner averages gradients after each schedule
         runner = PipelineRunner(model, dims, pipeline_ranks, device, dims.pp_schedule)

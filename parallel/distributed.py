@@ -99,3 +99,43 @@ def all_reduce_sum(values: list[float], device: torch.device, group=None) -> lis
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` in place across the ranks of ``group`` (default: all) and return it. On a device
+    tensor this queues the collective and returns without waiting for the GPU: nothing is read back."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+class LaggedSum:
+    """A sum over all ranks that never holds up a step: ``post(values)`` starts the all-reduce of this
+    step's values and returns the sums posted at the previous call, by then long done. It runs on a gloo
+    group of its own, on host memory, so it neither synchronises the GPU nor queues behind the training
+    collectives. Every rank posts at every step and so reads the same sums at the same step: a decision
+    taken on them (stop, commit a checkpoint) is one step late but the same everywhere.
+
+    Creating one is collective (its process group)."""
+
+    def __init__(self) -> None:
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self._tensor: torch.Tensor | None = None
+        self._work = None
+
+    def post(self, values: list[float]) -> list[float] | None:
+        """Start the sum of ``values``; returns the previous post's sums (None at the first post)."""
+        previous = self.collect()
+        self._tensor = torch.tensor(values, dtype=torch.float64)
+        if self._group is not None:
+            self._work = dist.all_reduce(self._tensor, group=self._group, async_op=True)
+        return previous
+
+    def collect(self) -> list[float] | None:
+        """Wait for the sums in flight, if any, and return them (None when nothing was posted)."""
+        if self._tensor is None:
+            return None
+        if self._work is not None:
+            self._work.wait()
+        out, self._tensor, self._work = self._tensor.tolist(), None, None
+        return out

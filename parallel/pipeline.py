@@ -169,10 +169,11 @@ class PipelineRunner:
         cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
         return cls(stages[0], n_micro, loss_fn=self._loss_fn, scale_grads=False)
 
-    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor, n_micro: int, loss_scale: float) -> float:
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor, n_micro: int,
+                   loss_scale: torch.Tensor) -> torch.Tensor:
         """Forward/backward the rank's batch (tokens, labels [B, T]; masked labels are -100) through the
-        pipeline in ``n_micro`` micro-batches, each loss a token sum times ``loss_scale``. Returns the
-        sum of the scaled micro-batch losses (nonzero on the last stage only)."""
+        pipeline in ``n_micro`` micro-batches, each loss a token sum times ``loss_scale`` (0-dim). Returns
+        the sum of the scaled micro-batch losses on the device (nonzero on the last stage only)."""
         self._loss_scale = loss_scale
         if n_micro not in self._schedules:  # the batch ramp changes the micro-batch count
             self._schedules[n_micro] = self._schedule(n_micro)
@@ -183,7 +184,9 @@ class PipelineRunner:
             schedule.step(tokens, **kwargs)
         else:
             schedule.step(**kwargs)
-        return float(sum(loss.detach().float() for loss in losses)) if self.is_last else 0.0
+        if not self.is_last:
+            return torch.zeros((), device=self.device)
+        return torch.stack([_local(loss.detach()).float() for loss in losses]).sum()
 
     @torch.no_grad()
     def forward_logits(self, tokens: torch.Tensor, logits_fn) -> torch.Tensor | None:
@@ -227,18 +230,35 @@ class PipelineRunner:
                 grad = weight.grad = grad.redistribute(weight.device_mesh, weight.placements)
             dist.all_reduce(_local(grad), group=self.ranks.embedding_group)
 
-    def average_over_dp(self, dp_group) -> None:
+    def average_over_dp(self, dp_group, bucket_bytes: int = 25 * 2**20) -> None:
+        """Average the replicas' gradients: flattened into buckets of about ``bucket_bytes`` (DDP's
+        default size), one all-reduce per bucket, all in flight at once, then copied back."""
         if self.dims.dp == 1 or self.dims.fsdp:  # FSDP reduce-scattered them in backward
             return
-        for param in self.model.parameters():
-            if param.grad is not None:
-                local = _local(param.grad)
-                dist.all_reduce(local, group=dp_group)
-                local.div_(self.dims.dp)
+        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        buckets: list[list[torch.Tensor]] = []
+        size = 0
+        for grad in grads:
+            if not buckets or size + grad.numel() * grad.element_size() > bucket_bytes \
+                    or buckets[-1][0].dtype != grad.dtype:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(grad)
+            size += grad.numel() * grad.element_size()
+        flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]
+        works = [dist.all_reduce(flat, group=dp_group, async_op=True) for flat in flats]
+        for bucket, flat, work in zip(buckets, flats, works):
+            work.wait()
+            flat.div_(self.dims.dp)
+            offset = 0
+            for grad in bucket:
+                grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global grad norm over all stages (the tied embedding counted once), then clip, as
-        ``torch.nn.utils.clip_grad_norm_`` would on the whole model."""
+        ``torch.nn.utils.clip_grad_norm_`` would on the whole model. Returns the norm on the device
+        (nothing waits for the GPU)."""
         grads = []
         for name, param in self.model.named_parameters():
             if param.grad is None:
@@ -252,14 +272,13 @@ class PipelineRunner:
             norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
             local = norm.double() ** 2
         dist.all_reduce(local, group=self.ranks.pp_group)
-        total = float(local.sqrt())
+        total = local.sqrt()
         if max_norm > 0:
-            coef = min(1.0, max_norm / (total + 1e-6))
-            if coef < 1.0:
-                for param in self.model.parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(coef)
-        return total
+            # As torch's clip_grad_norm_: a coefficient of 1 where the norm is within the bound.
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
+            local_grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+            torch._foreach_mul_(local_grads, coef)
+        return total.float()
 
 
 def _stage_class(defer_grad_reduce: bool):

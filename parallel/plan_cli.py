@@ -13,6 +13,7 @@ import itertools
 import json
 
 from ..common.errors import UserError
+from ..common.hardware import ALIASES, compute_precision, device_spec
 from ..model.config import GPTConfig
 from ..model.flops import count_parameters, flops_per_token, replica_memory_bytes
 from ..model.presets import PRESETS, get_preset, gpt3_presets
@@ -22,6 +23,7 @@ from .planner import (GIB, KEY_LABELS, MEMORY_KEYS, PHASE_LABELS, PHASES, SAFETY
                       layout_dict, param_counts, plan_memory, shape_errors, trainer_gaps, trainer_settings,
                       work_errors)
 from .propose import propose_layouts
+from .timing import Machine, step_time
 
 FLAG_NAMES = {"tp": "--tp", "pp": "--pp", "dp": "--dp", "zero_stage": "--zero", "micro_batch": "--micro-batch",
               "seq_len": "--seq", "recompute": "--recompute", "recompute_every": "--recompute-every",
@@ -68,13 +70,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences per step: with --propose it caps dp x micro batch; both modes check the "
                         "trainer's pipeline rule of >= pp micro-batches (default: the preset's Table 2.1 batch)")
     p.add_argument("--top", type=int, default=10, help="with --propose: layouts shown per preset (default 10)")
+    p.add_argument("--time", action="store_true",
+                   help="predict step time, tokens/s and MFU per layout (parallel/timing.py); with --propose, "
+                        "rank the layouts that fit by it")
+    p.add_argument("--device", default="h100",
+                   help="with --time: the GPU (an exact torch device name or a short one: h100, h100-pcie, "
+                        "h100-nvl, h200, h200-nvl, a100, a100-40gb, l40s, ...; default h100)")
+    p.add_argument("--inter-node-gbps", type=float, default=400.0,
+                   help="with --time: network bandwidth per GPU across nodes, Gbit/s (default 400, InfiniBand NDR)")
+    p.add_argument("--matmul-efficiency", type=float, default=Machine.matmul_efficiency,
+                   help=f"with --time: achieved fraction of the peak FLOP/s (default {Machine.matmul_efficiency})")
+    p.add_argument("--link-efficiency", type=float, default=Machine.link_efficiency,
+                   help=f"with --time: achieved fraction of link bandwidth (default {Machine.link_efficiency})")
     p.add_argument("--runnable", action="store_true",
                    help="with --propose: only layouts that 'gptforge train' accepts today")
 
 
+def machine_from_args(args: argparse.Namespace) -> Machine | None:
+    """``--time``'s machine: the ``--device`` GPU at the precision its matmuls run in (fp32 as TF32)."""
+    if not args.time:
+        return None
+    spec = device_spec(args.device) or ALIASES.get(args.device.lower())
+    if spec is None:
+        raise UserError(f"--device {args.device!r}: not a known GPU (exact names in common/hardware.py, or one of "
+                        f"{', '.join(sorted(ALIASES))})")
+    errors = [f"{flag} must be in (0, 1], got {value}" for flag, value in
+              (("--matmul-efficiency", args.matmul_efficiency), ("--link-efficiency", args.link_efficiency))
+              if not 0 < value <= 1]
+    if not args.inter_node_gbps > 0:
+        errors.append(f"--inter-node-gbps must be > 0, got {args.inter_node_gbps}")
+    if errors:
+        raise UserError("; ".join(errors))
+    return Machine.from_device(spec, compute_precision(args.precision, tf32=True), inter_node_gbps=args.inter_node_gbps,
+                               gpus_per_node=args.gpus_per_node, matmul_efficiency=args.matmul_efficiency,
+                               link_efficiency=args.link_efficiency)
+
+
 def run(args: argparse.Namespace) -> int:
     gpu_memory = args.gpu_memory if args.gpu_memory is not None else DEFAULT_GPU_MEMORY_GIB
-    common = dict(micro_batch=args.micro_batch, seq_len=args.seq, precision=args.precision, gpu_memory_gib=gpu_memory)
+    common = dict(micro_batch=args.micro_batch, seq_len=args.seq, precision=args.precision, gpu_memory_gib=gpu_memory,
+                  machine=machine_from_args(args))
     if args.propose:
         for flag, given in (("--defer-grad-reduce", args.defer_grad_reduce),
                             ("--fsdp-unit linear", args.fsdp_unit == "linear")):
@@ -104,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
                               sequence_parallel=not args.no_sequence_parallel,
                               defer_grad_reduce=args.defer_grad_reduce, fsdp_unit=args.fsdp_unit)
     rows = plan_rows(args.preset, parallel=parallel, global_batch=args.global_batch, **common)
-    print(json.dumps(rows, indent=2) if args.json
-          else render_table(rows) + "\n\n" + render_layout_table(rows) + "\n\n" + render_peaks(rows))
+    text = render_table(rows) + "\n\n" + render_layout_table(rows) + "\n\n" + render_peaks(rows)
+    if common["machine"] is not None:
+        text += "\n\n" + render_times(rows)
+    print(json.dumps(rows, indent=2) if args.json else text)
     return 0
 
 
@@ -151,7 +188,7 @@ def preset_seq_len(name: str, config: GPTConfig, seq_len: int | None) -> int:
 
 def plan_rows(names: list[str], *, micro_batch: int, seq_len: int | None, precision: str,
               parallel: ParallelConfig | None = None, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-              global_batch: int | None = None) -> list[dict]:
+              global_batch: int | None = None, machine: Machine | None = None) -> list[dict]:
     """One row per preset: parameters, FLOPs/token, one replica's memory, and per-GPU memory under the layout
     ``parallel`` (default: one GPU, no sharding). ``global_batch`` (sequences; default the preset's Table 2.1
     batch) only enters the trainer's pipeline check of enough micro-batches per step."""
@@ -182,7 +219,11 @@ def plan_rows(names: list[str], *, micro_batch: int, seq_len: int | None, precis
             row |= {"paper_batch_tokens": preset.batch_tokens, "paper_lr": preset.lr}
         dims, work = flag_plan(parallel or SINGLE_GPU, gpu_memory_gib=gpu_memory_gib, seq_len=seq,
                                micro_batch=micro_batch, precision=precision)
-        row |= layout_fields(name, config, dims, work, gpu_memory_gib, global_batch_sequences(name, seq, global_batch))
+        batch = global_batch_sequences(name, seq, global_batch)
+        row |= layout_fields(name, config, dims, work, gpu_memory_gib, batch)
+        if machine is not None:
+            row["time"] = layout_time(name, config, dims, work, batch, machine)
+            row["machine"] = dataclasses.asdict(machine)
         rows.append(row)
     return rows
 
@@ -230,6 +271,22 @@ def layout_fields(name: str, config: GPTConfig, dims: ParallelDims, work: Worklo
     }
 
 
+def layout_time(name: str, config: GPTConfig, dims: ParallelDims, work: Workload, global_batch: int | None,
+                machine: Machine) -> dict:
+    """``--time``'s prediction for one layout (``parallel/timing.py``), with the global batch it assumes."""
+    if global_batch is None:
+        raise UserError(f"{name}: --time needs --global-batch (sequences per step): the preset has no paper batch")
+    return timed(config, dims, work, global_batch, machine)
+
+
+def timed(config: GPTConfig, dims: ParallelDims, work: Workload, global_batch: int, machine: Machine) -> dict:
+    """The prediction for the largest batch of at most ``global_batch`` sequences that the layout splits
+    evenly (a multiple of dp x micro batch; the batch it assumes is in the result)."""
+    unit = dims.dp * work.micro_batch
+    batch = max(unit, global_batch // unit * unit)
+    return step_time(config, dims, work, batch, machine).as_dict() | {"global_batch": batch}
+
+
 def global_batch_sequences(name: str, seq_len: int, requested: int | None) -> int | None:
     """``--global-batch`` if given, else the preset's Table 2.1 batch in sequences of ``seq_len`` (or None)."""
     if requested is not None:
@@ -245,7 +302,7 @@ def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, mi
                  recompute: list[str] | None, recompute_every: int, optimizer_offload: bool,
                  sequence_parallel: bool, global_batch: int | None, top: int,
                  runnable_only: bool = False, defer_grad_reduce: bool = False,
-                 fsdp_unit: str = "block") -> list[dict]:
+                 fsdp_unit: str = "block", machine: Machine | None = None) -> list[dict]:
     """``--propose``: per preset, the layouts of ``n_gpus`` GPUs whose peaks all fit, cheapest first (at most
     ``top``).
 
@@ -281,13 +338,20 @@ def propose_rows(names: list[str], *, n_gpus: int | None, gpus_per_node: int, mi
             proposals = [p for p in proposals if p.layout.dp * micro_batch <= batch]
         if runnable_only:
             proposals = [p for p in proposals if not trainer_gaps(p.layout, work, batch)]
+        times = {}
+        if machine is not None:  # fastest per token first
+            if batch is None:
+                raise UserError(f"{name}: --time needs --global-batch (sequences per step): the preset has no paper batch")
+            times = {id(p): timed(config, p.layout, work, batch, machine) for p in proposals}
+            proposals.sort(key=lambda p: -times[id(p)]["tokens_per_s"])
         rows.append({
             "preset": name, "n_params": param_counts(config).total(config.n_layer), "n_gpus": n_gpus,
             "gpus_per_node": gpus_per_node, "gpu_memory_gib": gpu_memory_gib, "seq_len": seq,
             "micro_batch": micro_batch, "precision": precision, "global_batch_sequences": batch,
             "runnable_only": runnable_only, "n_fitting": len(proposals),
-            "layouts": [layout_fields(name, config, p.layout, work, gpu_memory_gib, batch) for p in proposals[:top]],
-        })
+            "layouts": [layout_fields(name, config, p.layout, work, gpu_memory_gib, batch)
+                        | ({"time": times[id(p)]} if times else {}) for p in proposals[:top]],
+        } | ({"machine": dataclasses.asdict(machine)} if machine is not None else {}))
     return rows
 
 
@@ -315,9 +379,16 @@ def _layout_cells(fields: dict) -> str:
     lay, peaks, mem = fields["layout"], fields["peaks_bytes"], fields["per_rank_bytes"]
     trainer = "no" if fields["trainer_gaps"] else trainer_engine(fields["trainer_settings"])
     host = mem["host_bytes"] + mem["save_host_bytes"]
-    return (f"{lay['tp']:>4}{lay['pp']:>4}{lay['dp']:>6}{lay['zero_stage']:>6}{_mode(lay):>14}"
-            + "".join(f"{_gib(peaks[phase]['total']):>10}" for phase in PHASES)
-            + f"{_gib(host):>7}{'yes' if fields['fits'] else 'NO':>6}{trainer:>11}")
+    cells = (f"{lay['tp']:>4}{lay['pp']:>4}{lay['dp']:>6}{lay['zero_stage']:>6}{_mode(lay):>14}"
+             + "".join(f"{_gib(peaks[phase]['total']):>10}" for phase in PHASES)
+             + f"{_gib(host):>7}{'yes' if fields['fits'] else 'NO':>6}{trainer:>11}")
+    if "time" in fields:
+        t = fields["time"]
+        cells += f"{t['step_s']:>9.2f}{t['tokens_per_s'] / 1e3:>10,.0f}{t['mfu_6n_attn']:>7.0%}"
+    return cells
+
+
+TIME_HEAD = f"{'step s':>9}{'ktok/s':>10}{'MFU':>7}"
 
 
 LAYOUT_HEAD = (f"{'tp':>4}{'pp':>4}{'dp':>6}{'zero':>6}{'recompute':>14}{'start-up':>10}{'accum':>10}{'save':>10}"
@@ -375,8 +446,32 @@ def render_proposals(rows: list[dict]) -> str:
                  + (" that gptforge train runs today" if r["runnable_only"] else "")
                  + (f", best {len(r['layouts'])}:" if r["layouts"] else "")]
         if r["layouts"]:
-            lines += [LAYOUT_HEAD] + [_layout_cells(fields) for fields in r["layouts"]]
+            lines += [LAYOUT_HEAD + (TIME_HEAD if "machine" in r else "")] + [_layout_cells(f) for f in r["layouts"]]
         blocks.append("\n".join(lines))
     if rows:
         blocks.append("(" + LAYOUT_NOTE.format(limit=1 - SAFETY_MARGIN, memory=rows[0]["gpu_memory_gib"]) + ")")
+        if "machine" in rows[0]:
+            blocks.append(time_note(rows[0]["machine"]) + "; ranked by predicted tokens/s")
     return "\n\n".join(blocks)
+
+
+def time_note(machine: dict) -> str:
+    return (f"(predicted on {machine['name']}: {machine['peak_flops'] / 1e12:.0f} TFLOP/s peak at "
+            f"{machine['matmul_efficiency']:.0%}, {machine['intra_node'] / 1e9:.0f} GB/s within a node and "
+            f"{machine['inter_node'] / 1e9:.0f} GB/s across nodes per GPU at {machine['link_efficiency']:.0%}, "
+            f"{machine['hbm'] / 1e12:.2f} TB/s HBM, {machine['gpus_per_node']} GPUs per node; MFU counts "
+            f"6N + 12*L*d*T; parallel/timing.py)")
+
+
+def render_times(rows: list[dict]) -> str:
+    """``gptforge plan --time`` with one layout: each preset's predicted step, term by term."""
+    blocks = []
+    for r in rows:
+        t = r["time"]
+        terms = ", ".join(f"{label} {t[key]:.3f}" for label, key in (
+            ("compute", "compute_s"), ("tp", "tp_comm_s"), ("bubble", "pp_bubble_s"), ("p2p", "pp_p2p_s"),
+            ("dp exposed", "dp_exposed_s"), ("optimizer", "optimizer_s")))
+        blocks.append(f"{r['preset']}: step {t['step_s']:.3f} s for {t['global_batch']} sequences ({terms}; dp traffic "
+                      f"{t['dp_comm_s']:.3f} s in all), {t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu_6n_attn']:.1%} "
+                      f"(6N + attn) / {t['mfu_6n']:.1%} (6N)")
+    return "\n".join(blocks) + ("\n" + time_note(rows[0]["machine"]) if rows else "")

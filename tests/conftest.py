@@ -35,7 +35,8 @@ MIXED: dict[str, tuple[str, dict[str, str]]] = {
         "test_generate_command_greedy_matches_the_model": "slow",
         "test_generate_command_bad_input": "slow",
     }),
-    "test_gpu_ready.py": ("unit", {"test_run_sh_refuses_one_rank_per_gpu_on_a_cpu_torch": "slow"}),
+    "test_gpu_ready.py": ("unit", {"test_run_sh_refuses_one_rank_per_gpu_on_a_cpu_torch": "slow",
+                                   "test_gpu_bench_script_runs_on_cpu_with_only_torch": "slow"}),
     "test_hf_interop.py": ("unit", {
         "test_pipeline_runs_offline_and_generates_our_greedy_tokens": "slow",
         "test_byte_bpe_model_trains_exports_imports_and_resumes": "slow",

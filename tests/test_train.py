@@ -72,9 +72,10 @@ def test_sigterm_saves_and_exits(tmp_path, write_config):
     proc = run_train(cfg, fault="sigterm@3")
     assert proc.returncode == 0, proc.stderr
     assert "stop requested by signal" in proc.stdout
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000003"]
-    state = json.load(open(run_dir / "checkpoints" / "step_00000003" / "trainer_state.json"))
-    assert state["step"] == 3 and state["consumed_samples"] == 12 and state["tokens_seen"] == 12 * 32
+    # The signal came during step 3; the ranks' vote on it is read at the end of the next step, which is saved.
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000004"]
+    state = json.load(open(run_dir / "checkpoints" / "step_00000004" / "trainer_state.json"))
+    assert state["step"] == 4 and state["consumed_samples"] == 16 and state["tokens_seen"] == 16 * 32
 
 
 def test_user_callback_from_config_runs(tmp_path, write_config):
@@ -157,7 +158,10 @@ def test_loss_drops_and_validation_runs(tmp_path, write_config):
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0]
-    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    # Only the log steps are read back from the device and recorded
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert all({"loss", "grad_norm", "tokens_per_s", "step_time_s", "memory_peak_rss_gib"} <= set(r) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
     assert os.path.getsize(run_dir / "loss_curve.png") > 1000
 
 

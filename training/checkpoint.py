@@ -51,7 +51,7 @@ from ..common.atomic import atomic_folder, atomic_write_json, sibling, swap_fold
 from ..common.errors import UserError
 from ..parallel import deepspeed_engine
 from ..model.gpt import GPT
-from ..parallel.distributed import DistInfo, all_reduce_sum, barrier
+from ..parallel.distributed import DistInfo, LaggedSum, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -370,6 +370,9 @@ class CheckpointManager:
         self.pending: CheckpointWrite | None = None
         """The background save not yet committed."""
         self._writer: BackgroundWriter | None = None
+        # Whether every rank finished writing a background save, asked without holding up the step.
+        # Collective: every rank builds its manager at the same point.
+        self._written_vote = LaggedSum() if async_save else None
         if info.is_main:
             os.makedirs(directory, exist_ok=True)
             for name in os.listdir(directory):
@@ -421,18 +424,21 @@ class CheckpointManager:
         return final
 
     def poll(self) -> SaveTimes | None:
-        """Collective while a save is pending: commit it if every rank's write is done (else return
-        None at once). Called after each step: a checkpoint is complete at the end of the first step
-        after its last rank finished writing."""
+        """Collective while a save is pending: commit it if every rank's write was done at the previous
+        poll (else return None at once; the question is a ``LaggedSum``, so no step waits for it). Called
+        after each step: a checkpoint is complete at the end of the second step after its last rank
+        finished writing."""
         if self.pending is None:
             return None
-        (busy,) = all_reduce_sum([0.0 if self.pending.written_here() else 1.0], self.info.device)
-        return self.wait() if busy == 0 else None
+        busy = self._written_vote.post([0.0 if self.pending.written_here() else 1.0])
+        return self.wait() if busy is not None and busy[0] == 0 else None
 
     def wait(self) -> SaveTimes | None:
         """Collective while a save is pending: wait for its write and commit it."""
         if self.pending is None:
             return None
+        if self._written_vote is not None:
+            self._written_vote.collect()  # a poll's vote still in flight (the same on every rank)
         write, self.pending = self.pending, None
         return self._commit(write)
 

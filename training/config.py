@@ -65,8 +65,13 @@ class DataSource:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    sources: list[DataSource]
+    sources: list[DataSource] = field(default_factory=list)
     """The mixture; weights are normalised by megatron-core's BlendedMegatronDatasetBuilder."""
+    mock: bool = False
+    """Train on synthetic tokens instead of ``sources`` (Megatron-LM's ``--mock-data``): sample ``i`` is
+    uniform random ids over the vocabulary, drawn from (``seed``, i), so it is the same in every run and
+    layout. For throughput and memory runs (``bench/gpu.sh``) with no data prepared; no tokenizer is
+    needed (the model's ``vocab_size`` applies)."""
     split: str = "969,30,1"
     """Train, validation, test proportions of every source's documents (Megatron's ``--split``)."""
     seed: int = 1234
@@ -87,8 +92,16 @@ class TrainConfig:
     """Tokens per sequence; default: the model's context length."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute dtype. bf16/fp16 use autocast over fp32 weights; fp16 adds dynamic loss scaling."""
-    compile: bool = False
-    """Wrap the model in ``torch.compile``."""
+    compile: bool | Literal["auto"] = "auto"
+    """``torch.compile`` each transformer block in place (parameter names unchanged, so checkpoints are
+    the same). ``auto``: on where training runs on CUDA and the layout supports it (not with
+    ``parallel.pp > 1`` or the DeepSpeed engine), off on the CPU."""
+    tf32: bool = True
+    """On CUDA, run fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation);
+    MFU of an fp32 run is then taken against the TF32 peak."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device in the precision in use, for MFU on a device that
+    ``common/hardware.py`` does not list (it overrides the table)."""
     seed: int = 1234
     """Seed of weight init and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -147,6 +160,9 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
+    enabled: bool = True
+    """``false``: no checkpoint is read or written (throughput runs such as ``bench/gpu.sh``); a stop
+    signal then ends the run without saving."""
     dir: str | None = None
     """Default ``<run.dir>/checkpoints``."""
     interval: int = 1000
@@ -194,7 +210,8 @@ class JobConfig:
 
     run: RunConfig
     model: ModelSection
-    tokenizer: TokenizerConfig
+    tokenizer: TokenizerConfig | None = None
+    """Required, except with ``data.mock``."""
     data: DataConfig
     train: TrainConfig
     optim: OptimConfig = field(default_factory=OptimConfig)

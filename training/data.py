@@ -196,3 +196,28 @@ def _build_split_datasets(*, paths: list[str], weights: list[float], split: str,
             gpt_mod.GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
         ).build()
     return train, valid
+
+
+class MockSamples:
+    """``data.mock``: sample ``i`` is ``seq_len + 1`` uniform random ids in ``[0, vocab_size)`` drawn from a
+    generator seeded by (``seed``, i), as ``{tokens, labels, loss_mask}`` like GPTDataset's; endless."""
+
+    def __init__(self, *, seq_len: int, vocab_size: int, seed: int) -> None:
+        self.seq_len, self.vocab_size, self.seed = seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % 2**63)
+        ids = torch.randint(self.vocab_size, (self.seq_len + 1,), generator=g)
+        return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(self.seq_len)}
+
+
+def build_mock_datasets(*, seq_len: int, seed: int, vocab_size: int, valid_samples: int) -> GPTDatasets:
+    """Synthetic train and validation samples (the validation ones from another seed)."""
+    valid = MockSamples(seq_len=seq_len, vocab_size=vocab_size, seed=seed + 1) if valid_samples > 0 else None
+    return GPTDatasets(train=MockSamples(seq_len=seq_len, vocab_size=vocab_size, seed=seed), valid=valid)
+

@@ -29,8 +29,9 @@ class ResolvedJob:
     dims: ParallelDims
     seq_len: int
     world_size: int
-    tokenizer_sha: str
-    tokenizer_eod: int
+    tokenizer_sha: str | None
+    """None: no tokenizer (``data.mock``)."""
+    tokenizer_eod: int | None
     checkpoint_dir: str
     cache_dir: str
 
@@ -88,9 +89,18 @@ def _check_job(job: JobConfig, world_size: int, errors: list[str]) -> dict:
         except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
             errors.append(f"tokenizer.path: {err}")
     model = job.model.gpt_config(tokenizer.vocab_size if tokenizer else None, errors) if job.model else None
-    if errors or any(getattr(job, f.name) is None for f in dataclasses.fields(job)):
+    if errors or any(getattr(job, f.name) is None for f in dataclasses.fields(job) if f.name != "tokenizer"):
         # The checks below need a well-formed config.
         return {}
+    mock = job.data.mock
+    if job.tokenizer is None and not mock:
+        errors.append("tokenizer: required (only data.mock: true trains without one)")
+    if not mock and not job.data.sources:
+        errors.append("data.sources: give at least one indexed dataset (or data.mock: true for synthetic tokens)")
+    if mock and job.data.sources:
+        errors.append("data.mock: true trains on synthetic tokens; remove data.sources or set data.mock: false")
+    if tokenizer is None and job.train.sample_tokens > 0:
+        errors.append("train.sample_tokens > 0 needs a tokenizer: set tokenizer.path or train.sample_tokens=0")
 
     t, o, c = job.train, job.optim, job.checkpoint
     for key, value, low in (("train.max_steps", t.max_steps, 1), ("train.global_batch_size", t.global_batch_size, 1),
@@ -110,7 +120,9 @@ def _check_job(job: JobConfig, world_size: int, errors: list[str]) -> dict:
     for i, key in enumerate(c.allow_changes):
         if key not in RESUME_KEYS:
             errors.append(f"checkpoint.allow_changes[{i}]: {key!r} is not one of {', '.join(RESUME_KEYS)}")
-    if c.resume not in ("auto", "none") and not os.path.isdir(c.resume):
+    if not c.enabled and c.resume not in ("auto", "none"):
+        errors.append(f"checkpoint.resume: {c.resume!r} with checkpoint.enabled: false (nothing is read)")
+    elif c.resume not in ("auto", "none") and not os.path.isdir(c.resume):
         errors.append(f"checkpoint.resume: expected 'auto', 'none' or a checkpoint directory, got {c.resume!r}")
 
     seq_len = t.seq_len
@@ -130,12 +142,15 @@ def _check_job(job: JobConfig, world_size: int, errors: list[str]) -> dict:
     if dims is not None and model is not None and seq_len:
         errors.extend(dims.validate_model(model, seq_len))
     if dims is not None and dims.pp > 1:
-        if t.compile:
-            errors.append("train.compile with parallel.pp > 1 is not supported (stages run eagerly)")
+        if t.compile is True:
+            errors.append("train.compile: true with parallel.pp > 1 is not supported (stages run eagerly; "
+                          "'auto' leaves it off)")
         if t.sample_tokens > 0:
             errors.append("train.sample_tokens > 0 with parallel.pp > 1 is not supported: set it to 0")
-    if dims is not None and dims.deepspeed and t.compile:
-        errors.append("train.compile with parallel.zero_engine=deepspeed is not supported")
+    if dims is not None and dims.deepspeed and t.compile is True:
+        errors.append("train.compile: true with parallel.zero_engine=deepspeed is not supported ('auto' leaves it off)")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        errors.append(f"train.peak_tflops must be > 0, got {t.peak_tflops}")
     if dims is not None:
         errors.extend(dims.precision_errors(t.precision))
 
@@ -154,11 +169,11 @@ def _check_job(job: JobConfig, world_size: int, errors: list[str]) -> dict:
         # The smallest step is the start of the batch ramp.
         errors.extend(dims.micro_batch_errors(schedule.batch_size(0) // (t.micro_batch_size * dims.dp)))
 
-    if tokenizer is not None and seq_len and not errors:
+    if tokenizer is not None and seq_len and not errors and not mock:
         sources = [s for s in job.data.sources if s is not None]
         errors.extend(check_sources([s.path for s in sources], job.data.split, seq_len, tokenizer.sha256,
                                     tokenizer.vocab_size, need_valid=t.eval_interval > 0))
     if errors:
         return {}
-    return dict(model=model, schedule=schedule, dims=dims, seq_len=seq_len, tokenizer_sha=tokenizer.sha256,
-                tokenizer_eod=tokenizer.eod)
+    return dict(model=model, schedule=schedule, dims=dims, seq_len=seq_len,
+                tokenizer_sha=tokenizer.sha256 if tokenizer else None, tokenizer_eod=tokenizer.eod if tokenizer else None)

@@ -1,4 +1,4 @@
-"""Per-step metrics on disk (``metrics.jsonl``), memory readings and the loss-curve plot."""
+"""Metrics of the logged steps on disk (``metrics.jsonl``), memory readings and the loss-curve plot."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..common.atomic import atomic_write_text
 
 
 class MetricsLog:
-    """Append-only JSON lines, one per step. On resume, records past the resumed step (written by the
+    """Append-only JSON lines, one per logged step. On resume, records past the resumed step (written by the
     run that was killed after its last checkpoint) are dropped, so each step appears once."""
 
     def __init__(self, path: str, resume_step: int) -> None:
@@ -40,9 +40,12 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
+    """This rank's memory: on CUDA the caching allocator's peaks since the start (what a layout's plan is
+    checked against: ``torch.cuda.max_memory_allocated``; reserved adds the allocator's cached blocks),
+    on the CPU the process's peak resident set."""
     if device.type == "cuda":
-        return {"memory_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
-                "memory_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+        return {"cuda_max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "cuda_max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
     # ru_maxrss is in KiB on Linux
     return {"memory_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 

@@ -23,11 +23,12 @@ import torch.distributed as dist
 
 from ..common.atomic import atomic_write_json
 from ..common.errors import UserError
-from ..model.flops import count_parameters, flops_per_token, peak_flops
+from ..common.hardware import compute_precision, device_spec
+from ..model.flops import MFU_CONVENTIONS, count_parameters, flops_per_token
 from ..model.gpt import GPT
 from ..parallel import deepspeed_engine
 from ..parallel.apply import parallelize
-from ..parallel.distributed import all_reduce_sum, init_distributed
+from ..parallel.distributed import all_reduce_, init_distributed
 from .callbacks.base import Callback, resolve_callback
 from .callbacks.checkpointing import Checkpointing
 from .callbacks.console import ConsoleLog
@@ -37,10 +38,12 @@ from .callbacks.mlflow_tracking import MlflowTracking
 from .callbacks.signals import StopOnSignal
 from .callbacks.validation import Validation
 from .checkpoint import CheckpointManager, tokenizer_file_name
-from .data import build_gpt_datasets
+from .data import build_gpt_datasets, build_mock_datasets
 from .job import ResolvedJob
 from .resume_check import check_resume, read_trainer_state, resume_identity
-from .steps import StepContext, micro_batches, train_step
+from .loader import BatchLoader
+from .metrics import memory_metrics
+from .steps import StepContext, step_loss, train_step
 
 
 def build_optimizer(model: torch.nn.Module, job: ResolvedJob) -> torch.optim.AdamW:
@@ -51,7 +54,17 @@ def build_optimizer(model: torch.nn.Module, job: ResolvedJob) -> torch.optim.Ada
     decay = [p for p, dim in dims.items() if dim >= 2]
     no_decay = [p for p, dim in dims.items() if dim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=job.schedule.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    # The fused kernel on CUDA: one launch for all parameters instead of several per tensor. DeepSpeed
+    # steps its own flat partitions (its engine builds them from these groups).
+    fused = fused_adamw(model, job)
+    return torch.optim.AdamW(groups, lr=job.schedule.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             **({"fused": True} if fused else {}))
+
+
+def fused_adamw(model: torch.nn.Module, job: ResolvedJob) -> bool:
+    """AdamW's fused implementation where every parameter is on a CUDA device (DTensors included)."""
+    params = list(model.parameters())
+    return bool(params) and not job.dims.deepspeed and all(p.device.type == "cuda" for p in params)
 
 
 @dataclass(kw_only=True)
@@ -111,6 +124,9 @@ class Trainer:
         self.job, self.cfg, self.t = job, job.job, job.job.train
         self.info = init_distributed(self.t.device)
         self._stream = stream
+        if self.info.device.type == "cuda" and self.t.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (train.tf32)
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(self.t.seed)
         self.dims = job.dims
         self.mesh = self.dims.build_mesh(self.info.device.type)
@@ -119,7 +135,7 @@ class Trainer:
         self._build_optimizer()
         self.ckpt = CheckpointManager(job.checkpoint_dir, self.cfg.checkpoint.keep_last, self.info,
                                       async_save=self.cfg.checkpoint.async_save)
-        self.resumed_from = self._resume()
+        self.resumed_from = self._resume() if self.cfg.checkpoint.enabled else None
         self.datasets = self._build_datasets()
         self.ctx = StepContext(module=self.module, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
                                dims=self.dims, device=self.info.device, autocast_precision=self.autocast_precision,
@@ -133,7 +149,7 @@ class Trainer:
         """Files made at the end of the run for the tracker: artifact folder -> path."""
         self.callbacks: list[Callback] = (builtin_observers(self.info.is_main, self.cfg.mlflow.enabled)
                                           + [resolve_callback(spec)() for spec in self.t.callbacks]
-                                          + [StopOnSignal(), Checkpointing()])
+                                          + [StopOnSignal()] + ([Checkpointing()] if self.cfg.checkpoint.enabled else []))
         """Hook order: the built-in observers, the user's callbacks, then the stop-signal vote and the
         checkpoint decision, so a step's checkpoint sees everything the callbacks did at that step."""
 
@@ -145,6 +161,9 @@ class Trainer:
     def _build_model(self) -> None:
         """On the meta device, then laid out, materialised and initialised (parallel/apply.py)."""
         job, info, dims = self.job, self.info, self.dims
+        self.compile = self.t.compile if isinstance(self.t.compile, bool) else (
+            info.device.type == "cuda" and dims.pp == 1 and not dims.deepspeed)
+        """``train.compile`` resolved: ``auto`` compiles each block where CUDA is used (and the layout allows)."""
         if dims.deepspeed:  # ZeRO-3 partitions parameters as they are built (parallel/deepspeed_engine.py)
             self.model = deepspeed_engine.build_model(job.model, self._deepspeed_config(), info.device, self.t.seed)
             self.module, self.pipeline = self.model, None
@@ -152,16 +171,19 @@ class Trainer:
             with torch.device("meta"):
                 self.model = GPT(job.model)
             self.module, self.pipeline = parallelize(self.model, dims, self.mesh, info.device, self.t.seed,
-                                                     self.t.precision)
+                                                     self.t.precision, compile=self.compile)
         # FSDP and DeepSpeed run 16-bit compute through their own mixed precision; everything else autocasts.
         self.autocast_precision = "fp32" if dims.fsdp or dims.deepspeed else self.t.precision
         self.n_params = count_parameters(job.model)
-        self.flops_per_token = flops_per_token(job.model, job.seq_len,
-                                               self.n_params["total"] - self.n_params["position_embedding"])
+        n = self.n_params["total"] - self.n_params["position_embedding"]
+        self.flops_per_token = {key: flops_per_token(job.model, job.seq_len, n, key) for key in MFU_CONVENTIONS}
+        """Training FLOPs per token in each MFU convention (``model/flops.py``)."""
         self.device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
-        self.peak_flops = peak_flops(self.device_name)
-        if self.t.compile:
-            self.module = torch.compile(self.module)
+        self.compute_precision = compute_precision(self.t.precision, self.t.tf32 and info.device.type == "cuda")
+        spec = device_spec(self.device_name)
+        self.peak_flops = (self.t.peak_tflops * 1e12 if self.t.peak_tflops
+                           else spec.peak(self.compute_precision) if spec else None)
+        """Dense peak FLOP/s of one device in the precision the matmuls run in (None: no MFU)."""
 
     def _build_optimizer(self) -> None:
         t = self.t
@@ -197,6 +219,9 @@ class Trainer:
 
     def _build_datasets(self):
         job, data, t = self.job, self.cfg.data, self.t
+        if data.mock:
+            return build_mock_datasets(seq_len=job.seq_len, seed=data.seed, vocab_size=job.model.vocab_size,
+                                       valid_samples=t.eval_samples if t.eval_interval > 0 else 0)
         return build_gpt_datasets(
             paths=[s.path for s in data.sources], weights=[s.weight for s in data.sources], split=data.split,
             seq_len=job.seq_len, seed=data.seed, vocab_size=job.model.vocab_size, eod=job.tokenizer_eod,
@@ -212,47 +237,72 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """A checkpoint of the current step (on every rank: the save is collective)."""
-        tok = self.cfg.tokenizer.path
-        return self.state.save(self.ckpt, self.checkpoint_metadata(), files={tokenizer_file_name(tok): tok},
+        tok = self.cfg.tokenizer.path if self.cfg.tokenizer else None
+        files = {tokenizer_file_name(tok): tok} if tok else {}
+        return self.state.save(self.ckpt, self.checkpoint_metadata(), files=files,
                                before_commit=lambda tmp: self._call("on_checkpoint_written", tmp))
 
     def _call(self, hook: str, *args) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
+    def is_log_step(self, step: int) -> bool:
+        """Steps whose loss, grad norm, throughput and memory are read back from the device and reported:
+        every ``train.log_interval``, validation steps and the last step."""
+        t = self.t
+        return (step % t.log_interval == 0 or step == t.max_steps
+                or (t.eval_interval > 0 and step % t.eval_interval == 0))
+
     def train_step(self) -> dict:
-        """One optimizer step at the current data position; returns its metrics record."""
+        """One optimizer step at the current data position; returns its metrics record.
+
+        Nothing in a step waits for the GPU: the loss and grad norm stay on the device, and only a log
+        step reads them back (one synchronisation), with the throughput over the steps since the last one."""
         s, job, device = self.state, self.job, self.info.device
-        t0 = time.perf_counter()
-        batch = job.schedule.batch_size(s.tokens_seen)
-        batches = micro_batches(self.datasets.train, s.consumed_samples, batch, self.t.micro_batch_size,
-                                self.dp_rank, self.dims.dp)
-        local_tokens = sum(float(mb["loss_mask"].sum()) for mb in batches)
-        (global_tokens,) = all_reduce_sum([local_tokens], device, self.ctx.dp_group)
+        step_batch = self.loader.next(s.consumed_samples, s.tokens_seen)
+        batch = step_batch.batch
+        # queued on the device with the step's work; the token count came from the host-side loss masks
+        global_tokens = all_reduce_(torch.tensor(step_batch.local_tokens, dtype=torch.float64, device=device),
+                                    self.ctx.dp_group)
         s.tokens_seen += batch * job.seq_len
         s.consumed_samples += batch
         lr = job.schedule.lr(s.tokens_seen)
-        loss_sum, grad_norm = train_step(self.ctx, batches, global_tokens, lr)
+        loss_sum, grad_norm = train_step(self.ctx, step_batch.micro_batches, global_tokens, lr)
         s.step += 1
-        (loss_total,) = all_reduce_sum([loss_sum], device, self.ctx.dp_group)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        tokens_per_s = batch * job.seq_len / dt
-        record = {"step": s.step, "loss": loss_total / global_tokens, "lr": lr, "grad_norm": grad_norm,
-                  "batch_size": batch, "tokens_seen": s.tokens_seen, "tokens_per_s": tokens_per_s, "step_time_s": dt}
-        if self.peak_flops:
-            record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.info.world_size)
-        if self.scaler.is_enabled():
-            record["loss_scale"] = self.scaler.get_scale()
+        record = {"step": s.step, "lr": lr, "batch_size": batch, "tokens_seen": s.tokens_seen}
+        if self.is_log_step(s.step):
+            record |= self._measure(step_loss(self.ctx, loss_sum), grad_norm, global_tokens)
         return record
+
+    def _measure(self, loss_total: torch.Tensor, grad_norm: torch.Tensor, global_tokens: torch.Tensor) -> dict:
+        """A log step's figures, read back in one synchronisation; throughput over the steps since the
+        previous log step (or the start of this process)."""
+        loss, grad_norm, tokens = torch.stack([loss_total.double(), grad_norm.double(), global_tokens]).tolist()
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+        now, (since, tokens_then, step_then) = time.perf_counter(), self._interval
+        self._interval = (now, self.state.tokens_seen, self.state.step)
+        tokens_per_s = (self.state.tokens_seen - tokens_then) / (now - since)
+        out = {"loss": loss / tokens, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+               "step_time_s": (now - since) / (self.state.step - step_then)}
+        if self.peak_flops:
+            for key, flops in self.flops_per_token.items():
+                out[f"mfu_{key}"] = flops * tokens_per_s / (self.peak_flops * self.info.world_size)
+        if self.scaler.is_enabled():
+            out["loss_scale"] = self.scaler.get_scale()
+        return out | memory_metrics(self.info.device)
 
     def fit(self) -> dict:
         """Run to ``train.max_steps`` (or a stop signal); returns the summary (also ``summary.json``)."""
         summary: dict = {"start_step": self.state.step}
+        t = self.t
+        self.loader = BatchLoader(self.datasets.train, batch_size=self.job.schedule.batch_size,
+                                  seq_len=self.job.seq_len, micro=t.micro_batch_size, dp_rank=self.dp_rank,
+                                  dp_size=self.dims.dp, device=self.info.device)
         try:
             self._call("on_train_start")
             self.module.train()
+            self._interval = (time.perf_counter(), self.state.tokens_seen, self.state.step)
             while self.state.step < self.t.max_steps:
                 self._call("on_step_end", self.train_step())
                 if self.stop_requested:
@@ -262,6 +312,7 @@ class Trainer:
                         "val_loss": self.val_loss, "mlflow_run_id": self.state.mlflow_run_id}
             self._call("on_train_end", summary)
         finally:
+            self.loader.close()
             self._call("close")
         if self.info.is_main:
             atomic_write_json(os.path.join(self.cfg.run.dir, "summary.json"), summary)

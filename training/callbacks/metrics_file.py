@@ -1,4 +1,4 @@
-"""``<run.dir>/metrics.jsonl``: one JSON record per step (rank 0)."""
+"""``<run.dir>/metrics.jsonl``: one JSON record per logged step (rank 0; ``Trainer.is_log_step``)."""
 
 from __future__ import annotations
 
@@ -14,4 +14,5 @@ class MetricsFile(Callback):
         self.log = MetricsLog(os.path.join(trainer.cfg.run.dir, "metrics.jsonl"), trainer.state.step)
 
     def on_step_end(self, trainer, record: dict) -> None:
-        self.log.append(record)
+        if "loss" in record:
+            self.log.append(record)

@@ -7,9 +7,7 @@ import os
 
 from ...common.atomic import atomic_write_json
 from ...common.tracking import Tracker, default_artifact_root, default_tracking_uri
-from ..metrics import memory_metrics
 from .base import Callback
-from .console import is_log_step
 
 
 class MlflowTracking(Callback):
@@ -22,16 +20,16 @@ class MlflowTracking(Callback):
         trainer.state.mlflow_run_id = self.tracker.run_id  # saved in checkpoints from now on
         if trainer.resumed_from is None:
             self.tracker.log_params(job.flat_params() | {"derived.n_params": str(trainer.n_params["total"])})
-        self.tracker.log_artifact(os.path.abspath(cfg.tokenizer.path), "tokenizer")
+        if cfg.tokenizer is not None:
+            self.tracker.log_artifact(os.path.abspath(cfg.tokenizer.path), "tokenizer")
         config_copy = os.path.join(cfg.run.dir, "resolved_config.json")
         atomic_write_json(config_copy, job.flat_params())
         self.tracker.log_artifact(config_copy, "config")
         trainer.log(f"MLflow run {self.tracker.run_id} at {uri}")
 
     def on_step_end(self, trainer, record: dict) -> None:
-        if is_log_step(trainer, record):
-            metrics = {k: v for k, v in record.items() if k != "step"} | memory_metrics(trainer.info.device)
-            self.tracker.log_metrics(metrics, record["step"])
+        if "loss" in record:  # a log step (Trainer.is_log_step): its figures were read back
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
 
     def on_train_end(self, trainer, summary: dict) -> None:
         for folder, path in trainer.artifacts.items():

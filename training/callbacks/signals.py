@@ -8,7 +8,7 @@ import signal
 import time
 
 from ...common.atomic import atomic_write_text
-from ...parallel.distributed import all_reduce_sum
+from ...parallel.distributed import LaggedSum
 from ..checkpoint import is_complete
 from .base import Callback
 
@@ -23,9 +23,10 @@ def stop_marker(folder: str, local_rank: int) -> str:
 
 
 class StopOnSignal(Callback):
-    """A signal sets a flag; after each step the ranks vote (a collective, so every rank stops at the
-    same step) and ``trainer.stop_requested`` tells the checkpointing callback and the loop. The
-    handlers this replaced are put back when training ends.
+    """A signal sets a flag; after each step the ranks vote and ``trainer.stop_requested`` tells the
+    checkpointing callback and the loop. The vote never holds up a step: each step posts its flag and
+    reads the previous step's sum (``LaggedSum``), so every rank stops at the same step, the one after the
+    signal was seen. The handlers this replaced are put back when training ends.
 
     The stop must fit in what is left of the job: under torchrun, the agent forwards the signal and
     kills the ranks ``--shutdown-timeout`` seconds later (``launcher/run.sh``). The console says how
@@ -48,12 +49,13 @@ class StopOnSignal(Callback):
         self.requested = True
 
     def on_train_start(self, trainer) -> None:
+        self.vote = LaggedSum()
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, trainer, record: dict) -> None:
-        (votes,) = all_reduce_sum([1.0 if self.requested else 0.0], trainer.info.device)
-        if votes > 0 and not trainer.stop_requested:
+        votes = self.vote.post([1.0 if self.requested else 0.0])
+        if votes is not None and votes[0] > 0 and not trainer.stop_requested:
             trainer.stop_requested = True
             if self.received is not None:
                 name, at = self.received
@@ -63,6 +65,7 @@ class StopOnSignal(Callback):
                 trainer.log(f"another rank received a stop signal; saving step {record['step']} and stopping")
 
     def on_train_end(self, trainer, summary: dict) -> None:
+        self.vote.collect()  # the last step's vote, still in flight on every rank
         self._ended = True
 
     def close(self, trainer) -> None:
