@@ -42,14 +42,14 @@ def largest_micro_batch(preset: str, seq_len: int, gpu_memory_gib: float, accumu
 
 
 def config(run_dir: str, preset: str, *, seq_len: int, micro: int, accumulation: int, steps: int,
-           log_interval: int, precision: str, compile_: bool | str) -> dict:
+           log_interval: int, precision: str, compile_: bool | str, profile: int = 0) -> dict:
     return {
         "run": {"dir": run_dir},
         "model": {"preset": preset},
         "data": {"mock": True, "seed": 1234},
         "train": {"max_steps": steps, "global_batch_size": micro * accumulation, "micro_batch_size": micro,
                   "seq_len": seq_len, "precision": precision, "compile": compile_, "log_interval": log_interval,
-                  "eval_interval": 0, "sample_tokens": 0},
+                  "eval_interval": 0, "sample_tokens": 0, "profile_steps": profile, "profile_after": 3},
         # a fixed lr (no warmup or ramp): the schedule does not change the work of a step
         "optim": {"warmup_tokens": 0, "batch_ramp_tokens": 0, "lr": 1e-4},
         "checkpoint": {"enabled": False},
@@ -58,12 +58,13 @@ def config(run_dir: str, preset: str, *, seq_len: int, micro: int, accumulation:
 
 
 def run_one(preset: str, *, seq_len: int, micro: int, accumulation: int, steps: int, log_interval: int,
-            precision: str, compile_, workdir: str, timeout: float) -> dict:
+            precision: str, compile_, workdir: str, timeout: float, profile: int = 0) -> dict:
     run_dir = os.path.join(workdir, f"{preset}-mb{micro}")
     cfg_path = run_dir + ".yaml"
     with open(cfg_path, "w") as handle:
         yaml.safe_dump(config(run_dir, preset, seq_len=seq_len, micro=micro, accumulation=accumulation, steps=steps,
-                              log_interval=log_interval, precision=precision, compile_=compile_), handle)
+                              log_interval=log_interval, precision=precision, compile_=compile_, profile=profile),
+                       handle)
     command = GPTFORGE + ["train", "--config", cfg_path]
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -87,6 +88,9 @@ def run_one(preset: str, *, seq_len: int, micro: int, accumulation: int, steps: 
     model_line = next((line for line in proc.stdout.splitlines() if line.startswith("MFU = ")), None)
     if model_line:
         result["mfu_formula"] = model_line
+    ops = os.path.join(run_dir, "profile", "rank0.ops.txt")
+    if os.path.exists(ops):  # the operators that hold the step, by device time
+        result["profile_top_ops"] = open(ops).read().splitlines()[:24]
     return result
 
 
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accumulation", type=int, default=None, help="micro-batches per step (default 4 on CUDA, 2 on CPU)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default 2048 on CUDA, 64 on CPU)")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the largest the planner fits")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="profile this many steps of each run (torch.profiler); the top operators go in the JSON")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 result = run_one(preset, seq_len=seq, micro=micro, accumulation=accumulation, steps=steps,
                                  log_interval=log_interval, precision="bf16" if cuda else "fp32",
-                                 compile_=True if cuda else "auto", workdir=workdir, timeout=600)
+                                 compile_=True if cuda else "auto", workdir=workdir, timeout=600,
+                                 profile=args.profile)
                 print(json.dumps(result), file=sys.stderr, flush=True)
                 if result.get("error") == "out of memory" and micro > 1 and not args.micro_batch:
                     micro //= 2

@@ -136,6 +136,8 @@ def parallelize(model: GPT, dims: ParallelDims, mesh, device: torch.device, seed
         shard_model(model, mesh["dp"], dims.zero_stage == 3, mixed_precision_policy(precision), dims.fsdp_unit)
     model.to_empty(device=device)
     init_local_shards(model, seed)
+    if runner is not None:
+        runner.overlap_grad_reduce(mesh["dp"].get_group())
     if runner is not None or dims.deepspeed or dims.fsdp:
         # DeepSpeed: the engine wraps the model once the optimizer exists (training/trainer.py)
         return model, runner

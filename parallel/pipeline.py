@@ -133,6 +133,14 @@ class PipelineRunner:
         self.is_first, self.is_last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
         self._schedules: dict[int, object] = {}
         self._loss_scale = 1.0
+        self._grad_reduce: OverlappedGradReduce | None = None
+        """Replicas (dp > 1 without FSDP): the gradient all-reduce that runs during the last backward."""
+
+    def overlap_grad_reduce(self, dp_group) -> None:
+        """Replicas only: all-reduce gradients in buckets while the last micro-batch's backward runs
+        (``OverlappedGradReduce``); call once the parameters are materialised."""
+        if self.dims.dp > 1 and not self.dims.fsdp:
+            self._grad_reduce = OverlappedGradReduce(self.views, dp_group, self.dims.dp)
 
     def shard(self, dp_mesh, reshard_after_forward: bool, mp_policy, unit: str = "block") -> None:
         """FSDP2 over the data-parallel ranks (zero_stage 2/3), on the meta rank model before it is
@@ -160,7 +168,7 @@ class PipelineRunner:
     def _schedule(self, n_micro: int):
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-        stage_cls = _stage_class(self.dims.defer_grad_reduce)
+        stage_cls = _stage_class(self.dims.defer_grad_reduce, self._grad_reduce)
         stages = [stage_cls(self.views[s], s, self.n_stages, self.device, group=self.ranks.pp_group)
                   for s in self.stage_ids]
         # Losses are sums divided by the global token count already: no extra 1/n_micro scaling.
@@ -230,30 +238,21 @@ class PipelineRunner:
                 grad = weight.grad = grad.redistribute(weight.device_mesh, weight.placements)
             dist.all_reduce(_local(grad), group=self.ranks.embedding_group)
 
-    def average_over_dp(self, dp_group, bucket_bytes: int = 25 * 2**20) -> None:
-        """Average the replicas' gradients: flattened into buckets of about ``bucket_bytes`` (DDP's
-        default size), one all-reduce per bucket, all in flight at once, then copied back."""
+    def average_over_dp(self, dp_group) -> None:
+        """Average the replicas' gradients: wait for the buckets the last backward started (the tied
+        embedding's gradient after its sum between first and last stage, ``sync_gradients``)."""
         if self.dims.dp == 1 or self.dims.fsdp:  # FSDP reduce-scattered them in backward
             return
-        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
-        buckets: list[list[torch.Tensor]] = []
-        size = 0
-        for grad in grads:
-            if not buckets or size + grad.numel() * grad.element_size() > bucket_bytes \
-                    or buckets[-1][0].dtype != grad.dtype:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(grad)
-            size += grad.numel() * grad.element_size()
-        flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]
-        works = [dist.all_reduce(flat, group=dp_group, async_op=True) for flat in flats]
-        for bucket, flat, work in zip(buckets, flats, works):
-            work.wait()
-            flat.div_(self.dims.dp)
-            offset = 0
-            for grad in bucket:
-                grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+        if self._grad_reduce is None:
+            self.overlap_grad_reduce(dp_group)
+            self._grad_reduce.finish()  # nothing was armed: everything is reduced here, bucketed
+        else:
+            self._grad_reduce.finish()
+        embedding = self.model.tok_embeddings
+        if embedding is not None and embedding.weight.grad is not None:
+            local = _local(embedding.weight.grad)
+            dist.all_reduce(local, group=dp_group)
+            local.div_(self.dims.dp)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global grad norm over all stages (the tied embedding counted once), then clip, as
@@ -281,7 +280,84 @@ class PipelineRunner:
         return total.float()
 
 
-def _stage_class(defer_grad_reduce: bool):
+class OverlappedGradReduce:
+    """The data-parallel all-reduce of pipeline replicas' gradients, overlapped with the last backward.
+
+    Parameters are grouped into buckets of about ``bucket_bytes`` (DDP's 25 MiB) in reverse order of
+    definition, the order the backward finishes them. During the last micro-batch's backward of a stage
+    (``arm``), each parameter's post-accumulate hook marks it final; a bucket whose parameters are all final
+    is flattened and its all-reduce started at once, so communication runs while the backward goes on.
+    ``finish`` starts what is left (a parameter without a gradient), waits, averages and copies back. Every
+    replica runs the same graph, so the buckets start in the same order everywhere. The tied token
+    embedding is left out: its gradient is summed between the first and last stage after the schedule,
+    then averaged (``PipelineRunner.average_over_dp``)."""
+
+    def __init__(self, views: dict, dp_group, dp: int, bucket_bytes: int = 25 * 2**20) -> None:
+        self.group, self.dp = dp_group, dp
+        self.armed: set[int] = set()
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        self._bucket_of: dict[int, int] = {}
+        self._stage_of: dict[int, int] = {}
+        self._ready: list[int] = []
+        self._work: dict[int, tuple[torch.Tensor, object]] = {}
+        for stage_id, view in views.items():
+            params = [p for name, p in view.named_parameters()
+                      if p.requires_grad and not name.endswith("tok_embeddings.weight")]
+            size = bucket_bytes  # start a new bucket per stage
+            for param in reversed(params):
+                nbytes = _local(param).numel() * param.element_size()
+                if size + nbytes > bucket_bytes:
+                    self.buckets.append([])
+                    size = 0
+                self.buckets[-1].append(param)
+                size += nbytes
+                self._bucket_of[id(param)] = len(self.buckets) - 1
+                self._stage_of[id(param)] = stage_id
+                param.register_post_accumulate_grad_hook(self._on_grad)
+        self._ready = [0] * len(self.buckets)
+
+    def arm(self, stage_id: int) -> None:
+        """The next backward of ``stage_id`` is its last of the step."""
+        self.armed.add(stage_id)
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if self._stage_of[id(param)] not in self.armed:
+            return
+        index = self._bucket_of[id(param)]
+        self._ready[index] += 1
+        if self._ready[index] == len(self.buckets[index]):
+            self._start(index)
+
+    def _start(self, index: int) -> None:
+        grads = [_local(p.grad) for p in self.buckets[index] if p.grad is not None]
+        if not grads:
+            self._work[index] = (None, None)
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._work[index] = (flat, dist.all_reduce(flat, group=self.group, async_op=True))
+
+    def finish(self) -> None:
+        for index in range(len(self.buckets)):
+            if index not in self._work:
+                self._start(index)
+        for index, (flat, work) in sorted(self._work.items()):
+            if flat is None:
+                continue
+            work.wait()
+            flat.div_(self.dp)
+            offset = 0
+            for param in self.buckets[index]:
+                if param.grad is None:
+                    continue
+                grad = _local(param.grad)
+                grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+        self._work.clear()
+        self._ready = [0] * len(self.buckets)
+        self.armed.clear()
+
+
+def _stage_class(defer_grad_reduce: bool, grad_reduce: OverlappedGradReduce | None = None):
     """The ``PipelineStage`` to build. torch's stage turns FSDP gradient sync off for every
     micro-batch's backward and reduce-scatters once after the last (so the unsharded gradients of the
     whole stage accumulate until then): kept with ``defer_grad_reduce``. Otherwise each backward
@@ -290,6 +366,14 @@ def _stage_class(defer_grad_reduce: bool):
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.pipelining import PipelineStage
 
+    if grad_reduce is not None:  # replicas: the last backward starts the gradient all-reduce
+        class OverlappedReduceStage(PipelineStage):
+            def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+                if last_backward:
+                    grad_reduce.arm(self.stage_index)
+                return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+
+        return OverlappedReduceStage
     if defer_grad_reduce:
         return PipelineStage
 

@@ -182,7 +182,7 @@ def test_gpu_bench_script_runs_on_cpu_with_only_torch(tmp_path):
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     env = dict(os.environ, PYTHONPATH=str(blocked), GPTFORGE_PYTHON=os.sys.executable, OMP_NUM_THREADS="1")
     out = tmp_path / "gpu.json"
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--out", str(out)], capture_output=True,
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--out", str(out), "--profile", "1"], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -192,6 +192,7 @@ def test_gpu_bench_script_runs_on_cpu_with_only_torch(tmp_path):
     assert run["tokens_per_s"] > 0 and run["step_time_s"] > 0 and run["memory_peak_rss_gib"] > 0
     assert run["mfu_6n"] is None and run["cuda_max_allocated_gib"] is None  # no peak for a CPU
     assert 0 < run["final_loss"] < 2 * math.log(512)  # synthetic tokens over the tiny preset's vocabulary
+    assert any("aten::mm" in line or "aten::addmm" in line for line in run["profile_top_ops"])  # the last step's profile
 
 
 def test_flex_attention_band_is_the_sdpa_band():

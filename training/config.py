@@ -112,6 +112,11 @@ class TrainConfig:
     """Validation every this many steps (and after the last step); 0 disables periodic validation."""
     eval_samples: int = 64
     """Validation sequences (the same first ones every time, so curves are comparable)."""
+    profile_steps: int = 0
+    """Profile this many steps with ``torch.profiler`` (0: none): a Chrome trace and an operator table per
+    rank in ``<run.dir>/profile/`` (``training/callbacks/profiling.py``)."""
+    profile_after: int = 2
+    """Steps of this process before the profiled ones (compilation and warm-up)."""
     sample_tokens: int = 0
     """After training, print a sample of this many tokens (0: none)."""
     sample_prompt: str = ""

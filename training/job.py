@@ -107,6 +107,7 @@ def _check_job(job: JobConfig, world_size: int, errors: list[str]) -> dict:
                             ("train.micro_batch_size", t.micro_batch_size, 1), ("train.log_interval", t.log_interval, 1),
                             ("train.eval_interval", t.eval_interval, 0), ("train.eval_samples", t.eval_samples, 0),
                             ("train.sample_tokens", t.sample_tokens, 0), ("checkpoint.interval", c.interval, 1),
+                            ("train.profile_steps", t.profile_steps, 0), ("train.profile_after", t.profile_after, 0),
                             ("checkpoint.keep_last", c.keep_last, 1)):
         if value < low:
             errors.append(f"{key} must be >= {low}, got {value}")

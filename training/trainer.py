@@ -35,6 +35,7 @@ from .callbacks.console import ConsoleLog
 from .callbacks.end_of_run import LossCurvePlot, Sample
 from .callbacks.metrics_file import MetricsFile
 from .callbacks.mlflow_tracking import MlflowTracking
+from .callbacks.profiling import Profiling
 from .callbacks.signals import StopOnSignal
 from .callbacks.validation import Validation
 from .checkpoint import CheckpointManager, tokenizer_file_name
@@ -148,6 +149,7 @@ class Trainer:
         self.artifacts: dict[str, str] = {}
         """Files made at the end of the run for the tracker: artifact folder -> path."""
         self.callbacks: list[Callback] = (builtin_observers(self.info.is_main, self.cfg.mlflow.enabled)
+                                          + ([Profiling()] if self.t.profile_steps > 0 else [])
                                           + [resolve_callback(spec)() for spec in self.t.callbacks]
                                           + [StopOnSignal()] + ([Checkpointing()] if self.cfg.checkpoint.enabled else []))
         """Hook order: the built-in observers, the user's callbacks, then the stop-signal vote and the
