@@ -103,7 +103,7 @@ def test_prefetching_loader_reads_the_steps_in_order_and_resumes_exactly():
             assert b.start == start and b.batch == ramp(tokens)
             for got_mb, want_mb in zip(b.micro_batches, want, strict=True):
                 assert all(torch.equal(got_mb[k], want_mb[k]) for k in want_mb)
-            assert b.local_tokens == b.batch // 2 * seq
+            assert b.local_tokens.item() == b.batch // 2 * seq
             out.append(b.micro_batches[0]["tokens"][:, 0].tolist())
             start, tokens = start + b.batch, tokens + b.batch * seq
         return out, start, tokens

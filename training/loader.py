@@ -41,8 +41,9 @@ class StepBatch:
     """Global batch size of the step (sequences)."""
     micro_batches: list[dict]
     """This rank's micro-batches, on the training device once ``BatchLoader.next`` returned them."""
-    local_tokens: float
-    """Loss tokens in this rank's micro-batches (the sum of their loss masks, counted on the host)."""
+    local_tokens: torch.Tensor
+    """Loss tokens in this rank's micro-batches (the sum of their loss masks, counted on the host), a 0-dim
+    float64 tensor on the device: a plain host number would be copied with a synchronising copy."""
 
 
 class BatchLoader:
@@ -64,9 +65,10 @@ class BatchLoader:
     def _read(self, start: int, tokens: int) -> StepBatch:
         batch = self.batch_size(tokens)
         mbs = micro_batches(self.dataset, start, batch, self.micro, self.dp_rank, self.dp_size)
-        local_tokens = float(sum(float(mb["loss_mask"].sum()) for mb in mbs))
+        local_tokens = torch.tensor(float(sum(float(mb["loss_mask"].sum()) for mb in mbs)), dtype=torch.float64)
         if self.pin:
             mbs = [{k: v.pin_memory() for k, v in mb.items()} for mb in mbs]
+            local_tokens = local_tokens.pin_memory()
         return StepBatch(start=start, batch=batch, micro_batches=mbs, local_tokens=local_tokens)
 
     def _run(self, start: int, tokens: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -105,6 +107,7 @@ class BatchLoader:
         self._next = (start + item.batch, tokens + item.batch * self.seq_len)
         item.micro_batches = [{k: v.to(self.device, non_blocking=self.pin) for k, v in mb.items()}
                               for mb in item.micro_batches]
+        item.local_tokens = item.local_tokens.to(self.device, non_blocking=self.pin)
         return item
 
     def close(self) -> None:

@@ -260,12 +260,11 @@ class Trainer:
 
         Nothing in a step waits for the GPU: the loss and grad norm stay on the device, and only a log
         step reads them back (one synchronisation), with the throughput over the steps since the last one."""
-        s, job, device = self.state, self.job, self.info.device
+        s, job = self.state, self.job
         step_batch = self.loader.next(s.consumed_samples, s.tokens_seen)
         batch = step_batch.batch
         # queued on the device with the step's work; the token count came from the host-side loss masks
-        global_tokens = all_reduce_(torch.tensor(step_batch.local_tokens, dtype=torch.float64, device=device),
-                                    self.ctx.dp_group)
+        global_tokens = all_reduce_(step_batch.local_tokens, self.ctx.dp_group)
         s.tokens_seen += batch * job.seq_len
         s.consumed_samples += batch
         lr = job.schedule.lr(s.tokens_seen)
