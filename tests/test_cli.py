@@ -97,7 +97,9 @@ def test_corpus_flags_that_do_not_apply_are_errors(corpus_config, capsys, argv, 
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_device_without_cuda_is_one_error_line(write_config, capsys):
+def test_cuda_device_without_cuda_is_one_config_error(write_config, capsys):
+    """Reported with the config's other errors, before any process group, naming the fix."""
     assert cli.main(["train", "--config", write_config(), "train.device=cuda"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: train.device is 'cuda' but no CUDA device is available")
+    assert err.startswith("error: ") and "has 1 error(s)" in err and "Traceback" not in err
+    assert "train.device is 'cuda' but no CUDA device is available" in err and "GPTFORGE_TORCH=cuda" in err
