@@ -11,7 +11,7 @@ chip share its name's prefix but not its clocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
 
@@ -44,29 +44,28 @@ class DeviceSpec:
 T = 1e12
 G = 1e9
 _GEN5, _GEN4 = 64 * G, 32 * G  # PCIe x16, one direction
+# One chip's compute under several memories and links: the parts below differ from these only where
+# they say (dataclasses.replace).
+_H100_SXM = DeviceSpec(part="H100 SXM5 80GB", names=("NVIDIA H100 80GB HBM3",), bf16=989.4 * T, tf32=494.7 * T,
+                       fp32=66.9 * T, memory_gib=80, hbm=3.35e12, nvlink=450 * G, pcie=_GEN5)
+_H100_NVL = DeviceSpec(part="H100 NVL 94GB", names=("NVIDIA H100 NVL",), bf16=835.5 * T, tf32=417.5 * T,
+                       fp32=60.0 * T, memory_gib=94, hbm=3.9e12, nvlink=300 * G, pcie=_GEN5)
+_A100_SXM = DeviceSpec(part="A100 SXM4 80GB", names=("NVIDIA A100-SXM4-80GB",), bf16=312 * T, tf32=156 * T,
+                       fp32=19.5 * T, memory_gib=80, hbm=2.039e12, nvlink=300 * G, pcie=_GEN4)
 DEVICES: tuple[DeviceSpec, ...] = (
-    DeviceSpec(part="H100 SXM5 80GB", names=("NVIDIA H100 80GB HBM3",), bf16=989.4 * T, tf32=494.7 * T,
-               fp32=66.9 * T, memory_gib=80, hbm=3.35e12, nvlink=450 * G, pcie=_GEN5),
+    _H100_SXM,
     DeviceSpec(part="H100 PCIe 80GB", names=("NVIDIA H100 PCIe",), bf16=756.5 * T, tf32=378.0 * T,
                fp32=51.2 * T, memory_gib=80, hbm=2.0e12, nvlink=300 * G, pcie=_GEN5),
-    DeviceSpec(part="H100 NVL 94GB", names=("NVIDIA H100 NVL",), bf16=835.5 * T, tf32=417.5 * T,
-               fp32=60.0 * T, memory_gib=94, hbm=3.9e12, nvlink=300 * G, pcie=_GEN5),
-    DeviceSpec(part="H800 SXM5 80GB", names=("NVIDIA H800",), bf16=989.4 * T, tf32=494.7 * T,
-               fp32=66.9 * T, memory_gib=80, hbm=3.35e12, nvlink=200 * G, pcie=_GEN5),
-    DeviceSpec(part="H200 SXM 141GB", names=("NVIDIA H200",), bf16=989.4 * T, tf32=494.7 * T,
-               fp32=66.9 * T, memory_gib=141, hbm=4.8e12, nvlink=450 * G, pcie=_GEN5),
-    DeviceSpec(part="H200 NVL 141GB", names=("NVIDIA H200 NVL",), bf16=835.5 * T, tf32=417.5 * T,
-               fp32=60.0 * T, memory_gib=141, hbm=4.8e12, nvlink=450 * G, pcie=_GEN5),
-    DeviceSpec(part="GH200 96GB", names=("NVIDIA GH200 480GB",), bf16=989.4 * T, tf32=494.7 * T,
-               fp32=66.9 * T, memory_gib=96, hbm=4.0e12, nvlink=450 * G, pcie=450 * G),
-    DeviceSpec(part="A100 SXM4 80GB", names=("NVIDIA A100-SXM4-80GB",), bf16=312 * T, tf32=156 * T,
-               fp32=19.5 * T, memory_gib=80, hbm=2.039e12, nvlink=300 * G, pcie=_GEN4),
-    DeviceSpec(part="A100 SXM4 40GB", names=("NVIDIA A100-SXM4-40GB",), bf16=312 * T, tf32=156 * T,
-               fp32=19.5 * T, memory_gib=40, hbm=1.555e12, nvlink=300 * G, pcie=_GEN4),
-    DeviceSpec(part="A100 PCIe 80GB", names=("NVIDIA A100 80GB PCIe",), bf16=312 * T, tf32=156 * T,
-               fp32=19.5 * T, memory_gib=80, hbm=1.935e12, nvlink=300 * G, pcie=_GEN4),
-    DeviceSpec(part="A100 PCIe 40GB", names=("NVIDIA A100-PCIE-40GB",), bf16=312 * T, tf32=156 * T,
-               fp32=19.5 * T, memory_gib=40, hbm=1.555e12, nvlink=300 * G, pcie=_GEN4),
+    _H100_NVL,
+    replace(_H100_SXM, part="H800 SXM5 80GB", names=("NVIDIA H800",), nvlink=200 * G),
+    replace(_H100_SXM, part="H200 SXM 141GB", names=("NVIDIA H200",), memory_gib=141, hbm=4.8e12),
+    replace(_H100_NVL, part="H200 NVL 141GB", names=("NVIDIA H200 NVL",), memory_gib=141, hbm=4.8e12,
+            nvlink=450 * G),
+    replace(_H100_SXM, part="GH200 96GB", names=("NVIDIA GH200 480GB",), memory_gib=96, hbm=4.0e12, pcie=450 * G),
+    _A100_SXM,
+    replace(_A100_SXM, part="A100 SXM4 40GB", names=("NVIDIA A100-SXM4-40GB",), memory_gib=40, hbm=1.555e12),
+    replace(_A100_SXM, part="A100 PCIe 80GB", names=("NVIDIA A100 80GB PCIe",), hbm=1.935e12),
+    replace(_A100_SXM, part="A100 PCIe 40GB", names=("NVIDIA A100-PCIE-40GB",), memory_gib=40, hbm=1.555e12),
     DeviceSpec(part="L40S 48GB", names=("NVIDIA L40S",), bf16=362.05 * T, tf32=183.0 * T, fp32=91.6 * T,
                memory_gib=48, hbm=0.864e12, nvlink=0.0, pcie=_GEN4),
     DeviceSpec(part="L4 24GB", names=("NVIDIA L4",), bf16=121.0 * T, tf32=60.0 * T, fp32=30.3 * T,

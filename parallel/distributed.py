@@ -87,15 +87,6 @@ def init_distributed(device_kind: str = "auto") -> DistInfo:
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 
-
-def all_reduce_sum(values: list[float], device: torch.device, group=None) -> list[float]:
-    """Sum floats across the ranks of ``group`` (default: all), one collective for the list."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
-    return tensor.tolist()
-
-
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -243,11 +243,9 @@ class PipelineRunner:
         embedding's gradient after its sum between first and last stage, ``sync_gradients``)."""
         if self.dims.dp == 1 or self.dims.fsdp:  # FSDP reduce-scattered them in backward
             return
-        if self._grad_reduce is None:
+        if self._grad_reduce is None:  # a runner built outside parallelize: nothing was armed, all is reduced here
             self.overlap_grad_reduce(dp_group)
-            self._grad_reduce.finish()  # nothing was armed: everything is reduced here, bucketed
-        else:
-            self._grad_reduce.finish()
+        self._grad_reduce.finish()
         embedding = self.model.tok_embeddings
         if embedding is not None and embedding.weight.grad is not None:
             local = _local(embedding.weight.grad)
@@ -298,7 +296,6 @@ class OverlappedGradReduce:
         self.buckets: list[list[torch.nn.Parameter]] = []
         self._bucket_of: dict[int, int] = {}
         self._stage_of: dict[int, int] = {}
-        self._ready: list[int] = []
         self._work: dict[int, tuple[torch.Tensor, object]] = {}
         for stage_id, view in views.items():
             params = [p for name, p in view.named_parameters()
@@ -315,6 +312,7 @@ class OverlappedGradReduce:
                 self._stage_of[id(param)] = stage_id
                 param.register_post_accumulate_grad_hook(self._on_grad)
         self._ready = [0] * len(self.buckets)
+        """Final parameters of each bucket in this step's armed backward."""
 
     def arm(self, stage_id: int) -> None:
         """The next backward of ``stage_id`` is its last of the step."""

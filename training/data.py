@@ -220,4 +220,3 @@ def build_mock_datasets(*, seq_len: int, seed: int, vocab_size: int, valid_sampl
     """Synthetic train and validation samples (the validation ones from another seed)."""
     valid = MockSamples(seq_len=seq_len, vocab_size=vocab_size, seed=seed + 1) if valid_samples > 0 else None
     return GPTDatasets(train=MockSamples(seq_len=seq_len, vocab_size=vocab_size, seed=seed), valid=valid)
-
